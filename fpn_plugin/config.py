@@ -1,0 +1,24 @@
+"""``add_fpn_plugin_config``: the plugin's config keys, added to a config the caller owns."""
+from .neck.config import add_neck_config
+
+__all__ = ["add_fpn_plugin_config"]
+
+_COMPONENT_ADDERS = [add_neck_config]
+
+
+def add_fpn_plugin_config(cfg):
+    """
+    Add every fpn_plugin config key, with its default, to ``cfg`` (in place).
+
+    Call it on a fresh config (``get_cfg()``) before merging a YAML that uses plugin keys.
+    Detectron2's global defaults are never edited, so configs built without this call are
+    unaffected. Calling it twice on one config is harmless; on a frozen config it raises.
+
+    Args:
+        cfg (CfgNode): a Detectron2 config, e.g. from ``detectron2.config.get_cfg()``.
+    """
+    if cfg.is_frozen():
+        raise ValueError("add_fpn_plugin_config: the config is frozen; call it before cfg.freeze()")
+    for add in _COMPONENT_ADDERS:
+        add(cfg)
+    return cfg

@@ -1,0 +1,1 @@
+"""The FPN neck: top-down (and optional bottom-up) feature pyramid, and its backbone builders."""

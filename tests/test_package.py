@@ -1,0 +1,72 @@
+"""The plugin imports, registers safely, and adds its config keys to a fresh config."""
+import importlib
+import sys
+
+import pytest
+from detectron2.config import get_cfg
+
+
+def _purge_plugin_modules():
+    for name in [m for m in sys.modules if m == "fpn_plugin" or m.startswith("fpn_plugin.")]:
+        del sys.modules[name]
+
+
+def test_add_config_adds_keys_without_touching_global_defaults():
+    from fpn_plugin import add_fpn_plugin_config
+
+    cfg = get_cfg()
+    assert "TOP_BLOCK" not in cfg.MODEL.FPN
+    add_fpn_plugin_config(cfg)
+    assert cfg.MODEL.FPN.TOP_BLOCK == "maxpool"
+    assert cfg.MODEL.FPN.UPSAMPLE_MODE == "nearest"
+    # Detectron2's own defaults keep their values, and a new get_cfg() is untouched.
+    assert cfg.MODEL.FPN.FUSE_TYPE == "sum"
+    assert "TOP_BLOCK" not in get_cfg().MODEL.FPN
+    # Idempotent on one config; YAML-style overrides of plugin keys then merge.
+    add_fpn_plugin_config(cfg)
+    cfg.merge_from_list(["MODEL.FPN.UPSAMPLE_MODE", "bilinear"])
+    assert cfg.MODEL.FPN.UPSAMPLE_MODE == "bilinear"
+
+
+def test_add_config_refuses_frozen_config():
+    from fpn_plugin import add_fpn_plugin_config
+
+    cfg = get_cfg()
+    cfg.freeze()
+    with pytest.raises(ValueError, match="frozen"):
+        add_fpn_plugin_config(cfg)
+
+
+def test_second_import_does_not_fail():
+    import fpn_plugin
+
+    first = fpn_plugin
+    _purge_plugin_modules()
+    second = importlib.import_module("fpn_plugin")
+    assert second is not first
+    importlib.reload(second)
+
+
+def test_register_replaces_same_name_and_refuses_foreign_objects():
+    from detectron2.utils.registry import Registry
+
+    from fpn_plugin.utils.registry import register
+
+    reg = Registry("TEST_REG")
+
+    def make():
+        class Thing:
+            pass
+
+        return Thing
+
+    a, b = make(), make()
+    register(reg)(a)
+    register(reg)(b)  # same qualified name: a re-import
+    assert reg.get("Thing") is b
+
+    class Thing:  # different qualified name, same registry name
+        pass
+
+    with pytest.raises(KeyError, match="already has 'Thing'"):
+        register(reg)(Thing)
