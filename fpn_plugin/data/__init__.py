@@ -1,0 +1,1 @@
+"""Datasets: the embedded synthetic demo dataset and dataset-record validation."""

@@ -1,0 +1,1 @@
+"""Mask heads registered in ROI_MASK_HEAD_REGISTRY."""

@@ -1,0 +1,1 @@
+"""Per-level RPN: one head shared across pyramid levels, per-level proposal selection."""
