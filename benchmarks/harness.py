@@ -1,0 +1,203 @@
+"""
+Timing and memory harness shared by the benchmark scripts.
+
+Every comparison runs the plugin's component (A) and Detectron2's built-in (B) in one process,
+on the same inputs and weights, after warm-up, alternating the two in ABBA order so slow drifts
+(thermal, other load) hit both equally. Reported figures are medians with the interquartile
+range; ratios are A/B (below 1.0 means the plugin is faster or leaner).
+"""
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
+
+
+@dataclass
+class Timing:
+    median: float
+    q1: float
+    q3: float
+    minimum: float
+    samples: int
+
+    @classmethod
+    def of(cls, seconds: List[float]) -> "Timing":
+        qs = statistics.quantiles(seconds, n=4) if len(seconds) > 1 else [seconds[0]] * 3
+        return cls(statistics.median(seconds), qs[0], qs[2], min(seconds), len(seconds))
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range relative to the median."""
+        return (self.q3 - self.q1) / self.median if self.median else 0.0
+
+
+def synchronize(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(fn: Callable[[], object], device: str) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def compare(
+    fn_a: Callable[[], object],
+    fn_b: Callable[[], object],
+    warmup: int = 3,
+    repeats: int = 15,
+    device: str = "cpu",
+) -> Dict[str, object]:
+    """
+    Time two callables alternately.
+
+    Args:
+        fn_a, fn_b: zero-argument callables doing one unit of work each (A = plugin,
+            B = Detectron2 built-in).
+        warmup: untimed calls of each before measuring.
+        repeats: timed calls of each (in ABBA order).
+        device: "cpu" or a CUDA device; CUDA work is synchronised around every call.
+
+    Returns:
+        dict with "a" and "b" (:class:`Timing`) and "ratio" (median A / median B).
+    """
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    times_a: List[float] = []
+    times_b: List[float] = []
+    for i in range(repeats):
+        order = ((fn_a, times_a), (fn_b, times_b))
+        for fn, sink in order if i % 2 == 0 else reversed(order):
+            sink.append(_timed(fn, device))
+    a, b = Timing.of(times_a), Timing.of(times_b)
+    return {"a": a, "b": b, "ratio": a.median / b.median}
+
+
+def peak_memory(fn: Callable[[], object], device: str = "cpu") -> int:
+    """
+    Peak bytes of tensor memory allocated while ``fn`` runs, above what was allocated before.
+
+    CUDA: the caching allocator's peak statistics. CPU: PyTorch's profiler records every
+    tensor allocation and free; replaying them in time order gives the exact peak of live
+    tensor bytes (the allocator has no peak counter on CPU, and process RSS is too coarse).
+    """
+    if str(device).startswith("cuda"):
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        # Allocations are attributed to the op that made them ("self" memory); frees that
+        # happen outside any op appear as "[memory]" events with negative sizes.
+        live += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def compare_memory(fn_a, fn_b, device: str = "cpu") -> Dict[str, object]:
+    """Peak memory of A and B (one warm call each first), and the ratio A/B."""
+    fn_a()
+    fn_b()
+    a, b = peak_memory(fn_a, device), peak_memory(fn_b, device)
+    return {"a": a, "b": b, "ratio": a / b if b else float("nan")}
+
+
+def environment() -> Dict[str, str]:
+    import detectron2
+    import torchvision
+
+    info = {
+        "machine": platform.machine(),
+        "cpu": _cpu_name(),
+        "threads": str(torch.get_num_threads()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "detectron2": detectron2.__version__,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def format_rows(rows: List[Dict[str, object]]) -> str:
+    """
+    Markdown table of benchmark rows. Each row: name, unit ("s" or "MiB"), and the
+    ``compare``/``compare_memory`` result under "result".
+    """
+    lines = [
+        "| benchmark | plugin (median) | Detectron2 (median) | ratio plugin/D2 | spread (IQR/median) |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        res = row["result"]
+        if row["unit"] == "s":
+            a, b = res["a"], res["b"]
+            lines.append(
+                f"| {row['name']} | {a.median * 1e3:.1f} ms | {b.median * 1e3:.1f} ms | "
+                f"{res['ratio']:.3f} | {a.spread:.1%} / {b.spread:.1%} |"
+            )
+        else:
+            lines.append(
+                f"| {row['name']} | {res['a'] / 2**20:.1f} MiB | {res['b'] / 2**20:.1f} MiB | "
+                f"{res['ratio']:.3f} | exact |"
+            )
+    return "\n".join(lines)
+
+
+def save(name: str, rows: List[Dict[str, object]], command: str,
+         extra: Optional[Dict[str, object]] = None) -> str:
+    """Write rows as JSON and markdown to benchmarks/results/<name>.{json,md}; return the md."""
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    env = environment()
+    header = (
+        f"Command: `{command}`  \n"
+        + "Machine: " + ", ".join(f"{k} {v}" for k, v in env.items()) + "  \n"
+        + f"Date: {time.strftime('%Y-%m-%d')}\n\n"
+    )
+    markdown = header + format_rows(rows) + "\n"
+
+    def plain(obj):
+        return asdict(obj) if isinstance(obj, Timing) else obj
+
+    payload = {
+        "command": command,
+        "environment": env,
+        "rows": [{**r, "result": {k: plain(v) for k, v in r["result"].items()}} for r in rows],
+        **(extra or {}),
+    }
+    with open(os.path.join(RESULTS_DIR, f"{name}.json"), "w") as f:
+        json.dump(payload, f, indent=2)
+    with open(os.path.join(RESULTS_DIR, f"{name}.md"), "w") as f:
+        f.write(markdown)
+    return markdown
