@@ -34,6 +34,15 @@ def test_detectron2_modeling_imports_and_builds_mask_rcnn():
     assert sum(p.numel() for p in model.parameters()) > 1_000_000
 
 
+def test_model_zoo_configs_are_packaged():
+    # model_zoo imports pkg_resources: this fails if setuptools>=81 slipped in.
+    from detectron2 import model_zoo
+
+    path = model_zoo.get_config_file("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml")
+    with open(path) as f:
+        assert "Base-RCNN-FPN.yaml" in f.read()
+
+
 def test_compiled_op_placeholder_raises_clear_error():
     c_module = importlib.import_module("detectron2._C")
     if not getattr(c_module, "IS_PLACEHOLDER", False):

@@ -56,7 +56,7 @@ boxes = torch.tensor([[0., 0., 10., 10.], [1., 1., 10., 10.]])
 assert ops.nms(boxes, torch.tensor([0.9, 0.8]), 0.5).tolist() == [0], "torchvision nms"
 out = ops.roi_align(torch.ones(1, 1, 8, 8), [boxes[:1]], output_size=2)
 assert out.shape == (1, 1, 2, 2), "torchvision roi_align"
-import detectron2, detectron2.modeling, detectron2.layers, pycocotools, fvcore, cv2
+import detectron2, detectron2.modeling, detectron2.layers, detectron2.model_zoo, pycocotools, fvcore, cv2
 print("torch", torch.__version__, "torchvision", torchvision.__version__,
       "detectron2", detectron2.__version__, "at", detectron2.__file__)
 """
