@@ -1,1 +1,12 @@
-"""Mask heads registered in ROI_MASK_HEAD_REGISTRY."""
+"""
+Mask heads registered in ROI_MASK_HEAD_REGISTRY:
+
+- ``ConvUpsampleMaskHead``: Detectron2's FCN mask head (identical logits, loss and
+  parameter names), with options for convs, norm, upsampling and class-agnostic masks;
+- ``PANetMaskHead``: adaptive multi-level ROI pooling and a fused fc branch (PANet).
+"""
+from .config import add_mask_head_config
+from .conv_upsample import ConvUpsampleMaskHead
+from .panet import PANetMaskHead
+
+__all__ = ["add_mask_head_config", "ConvUpsampleMaskHead", "PANetMaskHead"]
