@@ -1,12 +1,14 @@
 """``add_fpn_plugin_config``: the plugin's config keys, added to a config the caller owns."""
 from .data.config import add_data_config
+from .inference.config import add_inference_config
 from .mask_head.config import add_mask_head_config
 from .neck.config import add_neck_config
 from .rpn.config import add_rpn_config
 
 __all__ = ["add_fpn_plugin_config"]
 
-_COMPONENT_ADDERS = [add_neck_config, add_rpn_config, add_mask_head_config, add_data_config]
+_COMPONENT_ADDERS = [add_neck_config, add_rpn_config, add_mask_head_config, add_data_config,
+                     add_inference_config]
 
 
 def add_fpn_plugin_config(cfg):
@@ -22,6 +24,18 @@ def add_fpn_plugin_config(cfg):
     """
     if cfg.is_frozen():
         raise ValueError("add_fpn_plugin_config: the config is frozen; call it before cfg.freeze()")
+    # Adders write defaults into a scratch copy; only keys the config lacks are taken over, so
+    # a second call never resets values the user already set.
+    scratch = cfg.clone()
     for add in _COMPONENT_ADDERS:
-        add(cfg)
+        add(scratch)
+    _add_missing(cfg, scratch)
     return cfg
+
+
+def _add_missing(dst, src):
+    for key, value in src.items():
+        if key not in dst:
+            dst[key] = value
+        elif isinstance(value, type(dst)) and isinstance(dst[key], type(dst)):
+            _add_missing(dst[key], value)

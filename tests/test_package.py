@@ -22,10 +22,12 @@ def test_add_config_adds_keys_without_touching_global_defaults():
     # Detectron2's own defaults keep their values, and a new get_cfg() is untouched.
     assert cfg.MODEL.FPN.FUSE_TYPE == "sum"
     assert "TOP_BLOCK" not in get_cfg().MODEL.FPN
-    # Idempotent on one config; YAML-style overrides of plugin keys then merge.
+    # YAML-style overrides of plugin keys merge; a second call keeps what the user set.
+    cfg.merge_from_list(["MODEL.FPN.UPSAMPLE_MODE", "bilinear",
+                         "MODEL.FAST_INFERENCE.PRECISION", "bf16"])
     add_fpn_plugin_config(cfg)
-    cfg.merge_from_list(["MODEL.FPN.UPSAMPLE_MODE", "bilinear"])
     assert cfg.MODEL.FPN.UPSAMPLE_MODE == "bilinear"
+    assert cfg.MODEL.FAST_INFERENCE.PRECISION == "bf16"
 
 
 def test_add_config_refuses_frozen_config():
