@@ -35,7 +35,7 @@ __all__ = [
 
 
 def conv_norm_relu(in_channels: int, out_channels: int, norm: str = "") -> Conv2d:
-    """A 3x3 stride-1 conv (bias only without norm) with optional norm and a ReLU, MSRA-initialised."""
+    """3x3 stride-1 conv (bias only without norm), optional norm, ReLU; MSRA-initialised."""
     conv = Conv2d(
         in_channels,
         out_channels,
