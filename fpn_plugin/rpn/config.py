@@ -1,5 +1,121 @@
-"""Config keys of fpn_plugin.rpn (filled in by its issue)."""
+"""
+Config keys of fpn_plugin.rpn (added to ``cfg.MODEL.RPN``, next to Detectron2's own), and the
+checks that turn bad values into a ``ValueError`` naming the key.
+
+Every default reproduces Detectron2's RPN + StandardRPNHead. Detectron2's keys keep their
+meaning: ``CONV_DIMS`` (one entry per 3x3 conv of the head, so its length is the head's
+depth; -1 = input channels), ``PRE_NMS_TOPK_*`` (per level), ``POST_NMS_TOPK_*`` (per image),
+``NMS_THRESH``; ``ANCHOR_GENERATOR.SIZES`` / ``ASPECT_RATIOS`` accept one list per level, which
+may now differ in length between levels (a different number of anchors per level).
+
+Why separate ``*_PER_LEVEL`` keys: yacs refuses to merge a list into a key whose default is
+an int, and changing the type of Detectron2's ``PRE/POST_NMS_TOPK_*`` keys would break the
+built-in RPN, which reads them as ints. So the int keys stay as they are and an empty
+``*_PER_LEVEL`` list means "use the int key"; a non-empty one gives one value per level.
+"""
+import collections.abc
+from typing import List, Sequence
+
+__all__ = [
+    "add_rpn_config",
+    "POST_NMS_TOPK_MODES",
+    "per_level_values",
+    "check_anchor_params",
+    "check_conv_dims",
+]
+
+POST_NMS_TOPK_MODES = ("per_image", "per_level")
 
 
 def add_rpn_config(cfg):
-    """Add fpn_plugin.rpn's keys to ``cfg`` (in place)."""
+    """Add fpn_plugin.rpn's keys to ``cfg.MODEL.RPN`` (in place)."""
+    rpn = cfg.MODEL.RPN
+    # True: one head (3x3 convs + 1x1 predictors) applied to every level with the same
+    # weights (the FPN paper; needs equal channels on all levels). False: a separate head,
+    # with its own weights, per level of IN_FEATURES.
+    rpn.SHARED_HEAD = True
+    # Normalization after each 3x3 conv of the head: "" (none, Detectron2), "GN", "BN",
+    # "SyncBN", "FrozenBN", ... (any name detectron2.layers.get_norm accepts). With a shared
+    # head one norm layer is shared by all levels; batch statistics are then per level call.
+    rpn.HEAD_NORM = ""
+    # Pre-NMS top-k per level as a list of len(IN_FEATURES) ints; [] = PRE_NMS_TOPK_TRAIN
+    # (resp. _TEST) on every level.
+    rpn.PRE_NMS_TOPK_TRAIN_PER_LEVEL = []
+    rpn.PRE_NMS_TOPK_TEST_PER_LEVEL = []
+    # Where the post-NMS top-k applies:
+    #   "per_image" (Detectron2): the POST_NMS_TOPK_TRAIN/_TEST best proposals of each image,
+    #       over all levels merged;
+    #   "per_level": the best POST_NMS_TOPK_*_PER_LEVEL[i] (or POST_NMS_TOPK_* when that list
+    #       is empty) of each level i of each image; the image gets their union.
+    rpn.POST_NMS_TOPK_MODE = "per_image"
+    # Post-NMS top-k per level (POST_NMS_TOPK_MODE "per_level" only); [] = POST_NMS_TOPK_TRAIN
+    # (resp. _TEST) on every level.
+    rpn.POST_NMS_TOPK_TRAIN_PER_LEVEL = []
+    rpn.POST_NMS_TOPK_TEST_PER_LEVEL = []
+
+
+def per_level_values(scalar, per_level: Sequence, num_levels: int, key: str, scalar_key: str):
+    """
+    One int per level from an int key and its optional per-level list key.
+
+    Args:
+        scalar (int): value of the int key (used on every level when ``per_level`` is empty).
+        per_level (list[int]): value of the list key; empty, or exactly ``num_levels`` ints.
+        num_levels (int): number of levels (len of MODEL.RPN.IN_FEATURES).
+        key, scalar_key (str): full config names, for error messages.
+
+    Returns:
+        list[int]: ``num_levels`` positive ints.
+    """
+    if isinstance(per_level, (int, float)) or not isinstance(per_level, collections.abc.Sequence):
+        raise ValueError(f"{key} must be a list of ints (one per level), got {per_level!r}")
+    values = list(per_level) if len(per_level) else [scalar] * num_levels
+    if len(values) != num_levels:
+        raise ValueError(
+            f"{key} has {len(values)} entries {list(per_level)} but there are {num_levels} "
+            f"levels (MODEL.RPN.IN_FEATURES); give one value per level or [] to use {scalar_key}"
+        )
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            name = key if len(per_level) else scalar_key
+            raise ValueError(f"{name} must hold positive ints, got {per_level or scalar!r}")
+    return values
+
+
+def _broadcast_len(value, key: str) -> int:
+    """Number of per-level entries of an anchor parameter (1 means one for all levels)."""
+    if not isinstance(value, collections.abc.Sequence) or isinstance(value, str) or not value:
+        raise ValueError(f"{key} must be a non-empty list (of lists) of numbers, got {value!r}")
+    if not isinstance(value[0], collections.abc.Sequence):
+        return 1  # a flat list of numbers is used on every level
+    for entry in value:
+        if not isinstance(entry, collections.abc.Sequence) or not entry:
+            raise ValueError(f"{key} entries must be non-empty lists of numbers, got {value!r}")
+    return len(value)
+
+
+def check_anchor_params(sizes, aspect_ratios, num_levels: int, in_features: List[str]):
+    """
+    Raise ``ValueError`` unless anchor sizes and aspect ratios give one entry per level (or
+    one for all), Detectron2's broadcast rule; its anchor generator only asserts it.
+    """
+    for key, value in (
+        ("MODEL.ANCHOR_GENERATOR.SIZES", sizes),
+        ("MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", aspect_ratios),
+    ):
+        n = _broadcast_len(value, key)
+        if n not in (1, num_levels):
+            raise ValueError(
+                f"{key} = {list(value)} has {n} per-level lists but MODEL.RPN.IN_FEATURES "
+                f"{list(in_features)} has {num_levels} levels; give {num_levels} lists or one "
+                "list used on every level"
+            )
+
+
+def check_conv_dims(conv_dims) -> List[int]:
+    """MODEL.RPN.CONV_DIMS as a list; each entry -1 (input channels) or a positive int."""
+    dims = list(conv_dims)
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, int) or (d != -1 and d <= 0):
+            raise ValueError(f"MODEL.RPN.CONV_DIMS entries must be -1 or > 0, got {dims}")
+    return dims

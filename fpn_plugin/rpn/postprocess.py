@@ -1,0 +1,179 @@
+"""
+Per-level proposal selection (pure tensor code, no Detectron2 structures).
+
+Shape shorthand:
+    N: images in the batch; L: pyramid levels; Ri = Hi * Wi * Ai: anchors on level i;
+    K = sum_i min(Ri, pre_nms_topk[i]): candidates kept before NMS, per image.
+
+The pipeline for a batch (see docs/rpn.md for the diagram):
+
+1. per level i: the ``pre_nms_topk[i]`` highest objectness logits of each image;
+2. all levels concatenated; boxes clipped to their image; non-finite and small boxes dropped;
+3. ONE ``batched_nms`` over the whole batch, keyed by (image, level): boxes of different
+   levels or images never suppress each other;
+4. post-NMS top-k: per image over the merged levels (Detectron2), or per (image, level);
+5. per image, the survivors in decreasing objectness.
+
+With ``pre_nms_topk`` the same on every level and per-image post-NMS top-k this selects
+exactly what Detectron2's ``find_top_rpn_proposals`` selects (it loops over images and runs
+one ``batched_nms`` per image); see :func:`find_top_proposals_per_level` for the tie caveat.
+"""
+from typing import List, Tuple
+
+import torch
+from detectron2.layers import batched_nms
+
+__all__ = ["find_top_proposals_per_level", "rank_within_groups"]
+
+
+def rank_within_groups(groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """
+    Position of every element among the elements of its group, keeping the input order.
+
+    Args:
+        groups (Tensor): (M,) int64 group ids in [0, num_groups), e.g. NMS survivors' (image,
+            level) keys listed in decreasing score.
+        num_groups (int): number of possible group ids.
+
+    Returns:
+        Tensor: (M,) int64; element j gets the number of earlier elements with its group id.
+            So ``rank < k`` keeps the first k of every group (the top-k for score-sorted input).
+    """
+    num = groups.numel()
+    # A stable sort lines the groups up while keeping each group's elements in input order.
+    sorted_groups, order = torch.sort(groups, stable=True)
+    counts = torch.bincount(groups, minlength=num_groups)
+    starts = torch.cumsum(counts, dim=0) - counts
+    rank_sorted = torch.arange(num, device=groups.device) - starts[sorted_groups]
+    ranks = torch.empty_like(rank_sorted)
+    ranks[order] = rank_sorted
+    return ranks
+
+
+def find_top_proposals_per_level(
+    proposals: List[torch.Tensor],
+    pred_objectness_logits: List[torch.Tensor],
+    image_sizes: List[Tuple[int, int]],
+    nms_thresh: float,
+    pre_nms_topk: List[int],
+    post_nms_topk: List[int],
+    post_nms_topk_per_level: bool,
+    min_box_size: float,
+    training: bool,
+) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor], torch.Tensor]:
+    """
+    Select proposals level by level and merge the levels (the FPN RPN's post-processing).
+
+    Args:
+        proposals (list[Tensor]): L tensors; tensor i is (N, Ri, 4) decoded boxes (XYXY,
+            input-image pixels) of level i.
+        pred_objectness_logits (list[Tensor]): L tensors; tensor i is (N, Ri).
+        image_sizes (list[tuple[int, int]]): (h, w) of each image. Only the first
+            ``len(image_sizes)`` images of the batch are processed.
+        nms_thresh (float): IoU above which NMS removes the lower-scoring box of a pair (only
+            within one level of one image).
+        pre_nms_topk (list[int]): L ints; candidates per image taken from level i before NMS.
+        post_nms_topk (list[int]): after NMS, if ``post_nms_topk_per_level``: L ints, the
+            number of survivors of level i kept per image; otherwise one int, the number of
+            survivors kept per image over all levels (Detectron2's meaning).
+        post_nms_topk_per_level (bool): which of the two meanings ``post_nms_topk`` has.
+        min_box_size (float): boxes with a side (after clipping) not above this are dropped.
+        training (bool): non-finite boxes or scores raise ``FloatingPointError`` in training;
+            in inference they are dropped.
+
+    Returns:
+        list[Tensor]: N tensors (Pn, 4), the proposal boxes of image n, clipped to it,
+            in decreasing objectness.
+        list[Tensor]: N tensors (Pn,), their objectness logits.
+        list[Tensor]: N int64 tensors (Pn,), the level index (into ``proposals``) each came from.
+        Tensor: (N, L) int64, the number of boxes of each image and level that survived NMS
+            (before the post-NMS top-k).
+
+    Exact ties in objectness may be ordered differently from Detectron2's per-image loop (the
+    relative order of equal scores is not defined by either implementation); everything else
+    is identical for the same inputs.
+    """
+    num_images = len(image_sizes)
+    num_levels = len(proposals)
+    device = proposals[0].device
+    batch_idx = torch.arange(num_images, device=device)
+
+    # 1. Top-k candidates of every level (a loop over levels, never over boxes).
+    top_scores: List[torch.Tensor] = []
+    top_boxes: List[torch.Tensor] = []
+    top_levels: List[torch.Tensor] = []
+    for level, (boxes_i, logits_i) in enumerate(zip(proposals, pred_objectness_logits)):
+        logits_i = logits_i[:num_images]
+        num_anchors = logits_i.shape[1]
+        if isinstance(num_anchors, torch.Tensor):  # a size is a tensor while tracing
+            k = torch.clamp(num_anchors, max=pre_nms_topk[level])
+        else:
+            k = min(num_anchors, pre_nms_topk[level])
+        scores_i, idx = logits_i.topk(k, dim=1)
+        top_scores.append(scores_i)
+        top_boxes.append(boxes_i[batch_idx[:, None], idx])
+        top_levels.append(torch.full((k,), level, dtype=torch.int64, device=device))
+    scores = torch.cat(top_scores, dim=1)  # (N, K)
+    boxes = torch.cat(top_boxes, dim=1)  # (N, K, 4)
+    levels = torch.cat(top_levels, dim=0)  # (K,)
+
+    # 2. Clip each image's boxes to that image (same clamps as Boxes.clip), then flatten
+    # the batch so the remaining steps are single tensor ops over all images.
+    clipped: List[torch.Tensor] = []
+    for n, image_size in enumerate(image_sizes):
+        h, w = image_size[0], image_size[1]
+        b = boxes[n]
+        clipped.append(
+            torch.stack(
+                (
+                    b[:, 0].clamp(min=0, max=w),
+                    b[:, 1].clamp(min=0, max=h),
+                    b[:, 2].clamp(min=0, max=w),
+                    b[:, 3].clamp(min=0, max=h),
+                ),
+                dim=-1,
+            )
+        )
+    flat_boxes = torch.cat(clipped, dim=0)  # (N*K, 4)
+    flat_scores = scores.reshape(-1)
+    image_ids = batch_idx[:, None].expand_as(scores).reshape(-1)
+    flat_levels = levels[None, :].expand_as(scores).reshape(-1)
+
+    # Validity is judged on the unclipped boxes: clipping would turn inf into a border.
+    valid = torch.isfinite(boxes.reshape(-1, 4)).all(dim=1) & torch.isfinite(flat_scores)
+    if training and not bool(valid.all()):
+        raise FloatingPointError("Predicted boxes or scores contain Inf/NaN. Training has diverged.")
+    widths = flat_boxes[:, 2] - flat_boxes[:, 0]
+    heights = flat_boxes[:, 3] - flat_boxes[:, 1]
+    candidates = torch.nonzero(
+        valid & (widths > min_box_size) & (heights > min_box_size)
+    ).squeeze(1)
+
+    # 3. One NMS for the batch; the (image, level) key keeps images and levels apart.
+    groups = image_ids[candidates] * num_levels + flat_levels[candidates]
+    keep = batched_nms(flat_boxes[candidates], flat_scores[candidates], groups, nms_thresh)
+    kept = candidates[keep]  # in decreasing score over the whole batch
+    kept_groups = groups[keep]
+    nms_counts = torch.bincount(kept_groups, minlength=num_images * num_levels).view(
+        num_images, num_levels
+    )
+
+    # 4. Post-NMS top-k per (image, level); the per-image top-k is a prefix, taken below.
+    if post_nms_topk_per_level:
+        limits = torch.tensor(post_nms_topk, dtype=torch.int64, device=device)
+        ranks = rank_within_groups(kept_groups, num_images * num_levels)
+        kept = kept[ranks < limits[flat_levels[kept]]]
+    kept_images = image_ids[kept]
+
+    # 5. Split by image; masking keeps the batch-wide score order within each image.
+    out_boxes: List[torch.Tensor] = []
+    out_scores: List[torch.Tensor] = []
+    out_levels: List[torch.Tensor] = []
+    for n in range(num_images):
+        idx = kept[kept_images == n]
+        if not post_nms_topk_per_level:
+            idx = idx[: post_nms_topk[0]]
+        out_boxes.append(flat_boxes[idx])
+        out_scores.append(flat_scores[idx])
+        out_levels.append(flat_levels[idx])
+    return out_boxes, out_scores, out_levels, nms_counts
