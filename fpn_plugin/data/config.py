@@ -1,5 +1,38 @@
-"""Config keys of fpn_plugin.data (filled in by its issue)."""
+"""Config keys of fpn_plugin.data (dataset-record validation before training)."""
+
+# Accepted values of DATALOADER.INVALID_RECORDS.
+INVALID_RECORD_POLICIES = ("skip", "error")
 
 
 def add_data_config(cfg):
-    """Add fpn_plugin.data's keys to ``cfg`` (in place)."""
+    """
+    Add fpn_plugin.data's keys to ``cfg`` (in place).
+
+    Keys (all under ``cfg.DATALOADER``):
+
+    - ``INVALID_RECORDS`` (default ``"skip"``): what the plugin's trainer does, before training
+      starts, with dataset records that would fail midway or train on garbage (missing or
+      unreadable image, image size different from the record's, degenerate or non-finite
+      box, degenerate polygon, category outside the dataset's classes). ``"skip"``: drop the
+      whole image record, log each problem with its file and image id, write the list to
+      ``<OUTPUT_DIR>/invalid_records.json`` and report the count as
+      ``data/invalid_records_skipped`` in the metrics. ``"error"``: refuse to start, with a
+      ``ValueError`` listing the problems.
+    - ``CHECK_IMAGES`` (default ``True``): whether the validation opens every image file (its
+      header only) to check that it exists, decodes and has the record's size. Turning it off
+      saves start-up time on huge datasets whose files are known to be good.
+    """
+    cfg.DATALOADER.INVALID_RECORDS = "skip"
+    cfg.DATALOADER.CHECK_IMAGES = True
+    # The embedded shapes dataset (fpn_plugin.data.shapes), used when DATASETS.TRAIN/TEST name
+    # "shapes_train"/"shapes_val": train_net.py and the demo generate it if missing.
+    cfg.DATASETS.SHAPES = type(cfg)()
+    # Folder of the generated images and COCO JSON files (relative to the working directory).
+    cfg.DATASETS.SHAPES.ROOT = "datasets/generated/shapes"
+    # Images in the training / held-out validation split.
+    cfg.DATASETS.SHAPES.NUM_TRAIN = 400
+    cfg.DATASETS.SHAPES.NUM_VAL = 100
+    # Square image side in pixels.
+    cfg.DATASETS.SHAPES.IMAGE_SIZE = 256
+    # Generation seed: the dataset is a pure function of these keys.
+    cfg.DATASETS.SHAPES.SEED = 0

@@ -1,0 +1,326 @@
+"""
+The embedded demo dataset: synthetic instance segmentation of shapes, COCO format.
+
+Each image has a textured, noisy background and 1 to 6 filled shapes (circles, rectangles,
+triangles, stars) of random colour, rotation and size; shapes drawn later occlude earlier
+ones, and every annotation is the polygon of its object's *visible* part. Object sizes span
+more than a 4x range, so several pyramid levels get objects. Generation is deterministic in
+``seed`` (per image, so a larger split starts with the same images as a smaller one).
+
+``ensure_shapes_dataset`` writes ``<root>/<split>/*.jpg`` and ``<root>/<split>.json``, and
+regenerates only when the files are missing or were made with other parameters;
+``register_shapes_dataset`` makes the splits loadable by name through Detectron2's
+``register_coco_instances``.
+"""
+import json
+import logging
+import math
+import os
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+from pycocotools import mask as mask_util
+
+__all__ = [
+    "SHAPE_CLASSES",
+    "ensure_shapes_dataset",
+    "register_shapes_dataset",
+    "generate_shapes_image",
+]
+
+logger = logging.getLogger(__name__)
+
+SHAPE_CLASSES = ("circle", "rectangle", "triangle", "star")
+# Bumped whenever generation changes, so stale datasets on disk are rebuilt.
+_GENERATOR_VERSION = 1
+_SPLIT_IDS = {"train": 0, "val": 1}
+
+# Object size (the side of its bounding square before rotation), as a fraction of the image
+# side. 0.09-0.5 spans 5.5x: at 256 px, 23-128 px objects, i.e. strides 4 to 32 all matter.
+_MIN_SIZE_FRAC = 0.09
+_MAX_SIZE_FRAC = 0.5
+# An object must keep this fraction of its area visible, or the scene is re-drawn without it.
+_MIN_VISIBLE_FRAC = 0.3
+# Visible fragments smaller than this (pixels) are not annotated (nor are they meaningful).
+_MIN_FRAGMENT_AREA = 12
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing
+# ---------------------------------------------------------------------------------------------
+def _shape_outline(kind: str, center, size: float, angle: float, rng) -> np.ndarray:
+    """Vertices (K, 2) in pixels (x, y) of one shape; circles are returned as fine polygons."""
+    cx, cy = center
+    r = size / 2.0
+    if kind == "circle":
+        t = np.linspace(0, 2 * math.pi, 64, endpoint=False)
+        pts = np.stack([np.cos(t), np.sin(t)], 1) * r
+    elif kind == "rectangle":
+        aspect = rng.uniform(0.45, 1.0)  # squares and bars; the longer side is `size`
+        w, h = r, r * aspect
+        pts = np.array([[-w, -h], [w, -h], [w, h], [-w, h]])
+    elif kind == "triangle":
+        # Vertices jittered around an equilateral triangle: varied but never degenerate.
+        t = np.array([0.0, 2 * math.pi / 3, 4 * math.pi / 3]) + rng.uniform(-0.25, 0.25, 3)
+        pts = np.stack([np.cos(t), np.sin(t)], 1) * r
+    elif kind == "star":
+        n = int(rng.integers(5, 7))
+        inner = rng.uniform(0.4, 0.55)
+        t = np.arange(2 * n) * math.pi / n
+        radius = np.where(np.arange(2 * n) % 2 == 0, 1.0, inner) * r
+        pts = np.stack([np.cos(t) * radius, np.sin(t) * radius], 1)
+    else:
+        raise ValueError(f"unknown shape {kind!r}")
+    c, s = math.cos(angle), math.sin(angle)
+    rot = np.array([[c, -s], [s, c]])
+    return pts @ rot.T + np.array([cx, cy])
+
+
+def _fill(mask_shape, outline: np.ndarray) -> np.ndarray:
+    """Rasterize a polygon with sub-pixel vertex precision into a bool mask."""
+    shift = 4  # cv2 fixed-point: vertices in 1/16 pixel
+    mask = np.zeros(mask_shape, np.uint8)
+    pts = np.round((outline - 0.5) * (1 << shift)).astype(np.int32)  # COCO: pixel i covers [i, i+1)
+    cv2.fillPoly(mask, [pts], 1, lineType=cv2.LINE_8, shift=shift)
+    return mask.astype(bool)
+
+
+def _random_color(rng) -> np.ndarray:
+    hsv = np.uint8([[[rng.integers(0, 180), rng.integers(60, 256), rng.integers(60, 256)]]])
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].astype(np.float32)
+
+
+def _background(size: int, rng) -> np.ndarray:
+    """A (H, W, 3) float image: gradient, stripes or blotches, plus noise."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    c0, c1 = _random_color(rng), _random_color(rng)
+    style = rng.integers(0, 3)
+    if style == 0:  # linear gradient between two colours
+        a = rng.uniform(0, 2 * math.pi)
+        t = (np.cos(a) * xx + np.sin(a) * yy)
+        t = (t - t.min()) / max(t.max() - t.min(), 1e-6)
+    elif style == 1:  # soft stripes
+        a = rng.uniform(0, math.pi)
+        freq = rng.uniform(3, 10)
+        t = 0.5 + 0.5 * np.sin(2 * math.pi * freq * (np.cos(a) * xx + np.sin(a) * yy))
+    else:  # low-frequency blotches
+        coarse = rng.uniform(0, 1, (6, 6)).astype(np.float32)
+        t = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC).clip(0, 1)
+    img = c0 * (1 - t[..., None]) + c1 * t[..., None]
+    img += rng.normal(0, rng.uniform(4, 14), (size, size, 3))
+    return img
+
+
+def generate_shapes_image(size: int, rng, classes: Sequence[str] = SHAPE_CLASSES,
+                          max_instances: int = 6) -> Tuple[np.ndarray, List[Dict]]:
+    """
+    Draw one image and its instances.
+
+    Args:
+        size (int): image side in pixels (images are square).
+        rng (np.random.Generator): the only source of randomness.
+        classes: shape names to draw from (a subset of ``SHAPE_CLASSES``).
+        max_instances (int): at most this many objects (at least 1).
+
+    Returns:
+        image (np.ndarray): (size, size, 3) uint8 RGB.
+        instances (list[dict]): per visible object, in drawing order: ``category`` (index into
+        ``classes``) and ``mask`` (size, size) bool of its visible pixels.
+    """
+    img = _background(size, rng)
+    num = int(rng.integers(1, max_instances + 1))
+    objects = []  # (class index, full mask, colour)
+    for _ in range(num):
+        for _attempt in range(20):
+            cls = int(rng.integers(0, len(classes)))
+            # Log-uniform sizes, so small and large objects are equally common.
+            side = size * math.exp(rng.uniform(math.log(_MIN_SIZE_FRAC), math.log(_MAX_SIZE_FRAC)))
+            margin = side * 0.3  # may be cut by the border a little
+            center = rng.uniform(side / 2 - margin, size - side / 2 + margin, 2)
+            outline = _shape_outline(classes[cls], center, side, rng.uniform(0, 2 * math.pi), rng)
+            full = _fill((size, size), outline)
+            if full.sum() < _MIN_FRAGMENT_AREA * 4:
+                continue
+            # Keep every earlier object (and this one) sufficiently visible.
+            ok = full.sum() > 0
+            for _, prev_full, _, prev_vis in objects:
+                vis = prev_vis & ~full
+                if vis.sum() < _MIN_VISIBLE_FRAC * prev_full.sum():
+                    ok = False
+                    break
+            if not ok:
+                continue
+            color = _random_color(rng)
+            # Contrast with what lies beneath, otherwise the object is invisible by construction.
+            if np.abs(img[full].mean(0) - color).max() < 50:
+                continue
+            objects = [(c, f, col, v & ~full) for c, f, col, v in objects]
+            objects.append((cls, full, color, full.copy()))
+            break
+    for _, full, color, _ in objects:
+        # Per-object shading: a mild linear ramp, so colour alone is not a perfect cue.
+        yy, xx = np.nonzero(full)
+        ramp = ((xx - xx.mean()) * rng.uniform(-1, 1) + (yy - yy.mean()) * rng.uniform(-1, 1))
+        ramp = ramp / max(np.abs(ramp).max(), 1.0) * rng.uniform(0, 30)
+        img[yy, xx] = color + ramp[:, None]
+    img += rng.normal(0, rng.uniform(3, 10), img.shape)  # sensor noise over everything
+    image = np.clip(img, 0, 255).astype(np.uint8)
+    instances = [{"category": c, "mask": v} for c, _, _, v in objects]
+    return image, instances
+
+
+def _mask_to_polygons(mask: np.ndarray) -> List[List[float]]:
+    """COCO polygons (absolute x, y, pixel edges at integers) of a bool mask's components."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    polys = []
+    for contour in contours:
+        if cv2.contourArea(contour) < _MIN_FRAGMENT_AREA:
+            continue
+        contour = cv2.approxPolyDP(contour, 0.6, True).reshape(-1, 2).astype(np.float64)
+        if len(contour) < 3:
+            continue
+        # Contours run through boundary pixel centres; those sit at +0.5 in COCO coordinates.
+        polys.append([round(float(v), 2) for v in (contour + 0.5).reshape(-1)])
+    return polys
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset files
+# ---------------------------------------------------------------------------------------------
+def _params(split, num, image_size, seed, classes, max_instances):
+    return {"generator_version": _GENERATOR_VERSION, "split": split, "num_images": num,
+            "image_size": image_size, "seed": seed, "classes": list(classes),
+            "max_instances": max_instances}
+
+
+def _is_current(json_path: str, image_dir: str, params: dict) -> bool:
+    try:
+        with open(json_path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    if data.get("info", {}).get("fpn_plugin_shapes") != params:
+        return False
+    return all(os.path.isfile(os.path.join(image_dir, im["file_name"])) for im in data["images"])
+
+
+def _generate_split(split, num, image_size, seed, classes, max_instances, json_path, image_dir,
+                    log_every: float = 5.0):
+    os.makedirs(image_dir, exist_ok=True)
+    images, annotations = [], []
+    start = last_log = time.perf_counter()
+    for idx in range(num):
+        rng = np.random.default_rng([seed, _SPLIT_IDS.get(split, 99), idx])
+        image, instances = generate_shapes_image(image_size, rng, classes, max_instances)
+        file_name = f"{idx:06d}.jpg"
+        ok = cv2.imwrite(os.path.join(image_dir, file_name), image[:, :, ::-1],
+                         [cv2.IMWRITE_JPEG_QUALITY, 95])
+        if not ok:
+            raise OSError(f"could not write {os.path.join(image_dir, file_name)}")
+        image_id = idx + 1
+        images.append({"id": image_id, "file_name": file_name,
+                       "height": image_size, "width": image_size})
+        for inst in instances:
+            polys = _mask_to_polygons(inst["mask"])
+            if not polys:
+                continue
+            rle = mask_util.merge(mask_util.frPyObjects(polys, image_size, image_size))
+            x, y, w, h = (float(v) for v in mask_util.toBbox(rle))
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id,
+                "category_id": inst["category"] + 1, "segmentation": polys,
+                "area": float(mask_util.area(rle)), "bbox": [x, y, w, h], "iscrowd": 0,
+            })
+        now = time.perf_counter()
+        if now - last_log >= log_every or idx + 1 == num:
+            last_log = now
+            eta = (now - start) / (idx + 1) * (num - idx - 1)
+            logger.info(f"shapes {split}: {idx + 1}/{num} images, ETA {eta:.0f} s")
+    data = {
+        "info": {"description": "fpn_plugin synthetic shapes",
+                 "fpn_plugin_shapes": _params(split, num, image_size, seed, classes, max_instances)},
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i + 1, "name": n, "supercategory": "shape"}
+                       for i, n in enumerate(classes)],
+    }
+    tmp = json_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, json_path)  # the JSON appears last and whole: its presence means "complete"
+
+
+def ensure_shapes_dataset(root: str, num_train: int = 400, num_val: int = 100,
+                          image_size: int = 256, seed: int = 0,
+                          classes: Sequence[str] = SHAPE_CLASSES,
+                          max_instances: int = 6) -> Dict[str, Tuple[str, str]]:
+    """
+    Generate the shapes dataset under ``root`` unless an identical one is already there.
+
+    Args:
+        root (str): output folder; gets ``train/``, ``val/`` (JPEG images) and
+            ``train.json``, ``val.json`` (COCO instances, polygon masks, category ids from 1).
+        num_train, num_val (int): images per split (>= 1).
+        image_size (int): square image side in pixels (>= 32).
+        seed (int): the dataset is a pure function of the parameters and the seed; train and
+            val use disjoint random streams, so val is held out.
+        classes: shape names, a non-empty subset of ``SHAPE_CLASSES`` (order = category ids).
+        max_instances (int): objects per image are uniform in [1, max_instances].
+
+    Returns:
+        dict: split name ("train", "val") -> (json_path, image_dir).
+    """
+    if image_size < 32:
+        raise ValueError(f"image_size must be >= 32, got {image_size}")
+    if not classes or any(c not in SHAPE_CLASSES for c in classes):
+        raise ValueError(f"classes must be a non-empty subset of {SHAPE_CLASSES}, got {classes}")
+    if max_instances < 1:
+        raise ValueError(f"max_instances must be >= 1, got {max_instances}")
+    out = {}
+    for split, num in (("train", num_train), ("val", num_val)):
+        if num < 1:
+            raise ValueError(f"num_{split} must be >= 1, got {num}")
+        json_path = os.path.join(root, f"{split}.json")
+        image_dir = os.path.join(root, split)
+        params = _params(split, num, image_size, seed, classes, max_instances)
+        if not _is_current(json_path, image_dir, params):
+            logger.info(f"Generating shapes {split} split ({num} images, {image_size} px) in {root}")
+            _generate_split(split, num, image_size, seed, classes, max_instances,
+                            json_path, image_dir)
+        out[split] = (json_path, image_dir)
+    return out
+
+
+def register_shapes_dataset(root: str, prefix: str = "shapes", **kwargs) -> List[str]:
+    """
+    Ensure the dataset exists (see ``ensure_shapes_dataset``) and register its splits.
+
+    Args:
+        root (str): dataset folder.
+        prefix (str): names become ``<prefix>_train`` and ``<prefix>_val``.
+        kwargs: passed to ``ensure_shapes_dataset``.
+
+    Returns:
+        list[str]: the registered dataset names, train first. Registering a name that is
+        already registered with the same files is a no-op; with other files, an error.
+    """
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    splits = ensure_shapes_dataset(root, **kwargs)
+    names = []
+    for split, (json_path, image_dir) in splits.items():
+        name = f"{prefix}_{split}"
+        if name in DatasetCatalog.list():
+            meta = MetadataCatalog.get(name)
+            if (getattr(meta, "json_file", None) != json_path
+                    or getattr(meta, "image_root", None) != image_dir):
+                raise ValueError(
+                    f"dataset {name!r} is already registered with other files "
+                    f"({getattr(meta, 'json_file', None)}); pick another prefix")
+        else:
+            register_coco_instances(name, {}, json_path, image_dir)
+        names.append(name)
+    return names
