@@ -1,0 +1,141 @@
+"""
+Command line of the mask export::
+
+    python -m fpn_plugin.export --config-file CONFIG.yaml --weights model_final.pth \\
+        (--dataset NAME | --images DIR) --output DIR [options] [KEY VALUE ...]
+
+Trailing KEY VALUE pairs override config keys (Detectron2's ``opts``). Exit status: 0 on
+success (skipped unreadable images are listed in the log and in summary.json), 2 on bad
+input (message on stderr, no traceback), 130 when interrupted. Progress and logs go to stderr;
+stdout gets one JSON line (results path and counts), and a second with metrics under --eval.
+"""
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from typing import List, Optional
+
+__all__ = ["build_parser", "main", "setup_cfg"]
+
+logger = logging.getLogger("fpn_plugin.export")
+
+
+def _log_to_stderr() -> None:
+    """INFO lines of fpn_plugin and Detectron2 on stderr (Detectron2's setup_logger uses stdout)."""
+    formatter = logging.Formatter("[%(asctime)s %(name)s]: %(message)s", datefmt="%m/%d %H:%M:%S")
+    for name in ("fpn_plugin", "detectron2"):
+        log = logging.getLogger(name)
+        log.setLevel(logging.INFO)
+        if not any(getattr(h, "_fpn_plugin_cli", False) for h in log.handlers):
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(formatter)
+            handler._fpn_plugin_cli = True
+            log.addHandler(handler)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m fpn_plugin.export",
+        description="Run a Detectron2 (fpn_plugin) model on a registered dataset or a folder "
+                    "of images; write COCO results JSON (RLE), instance-id PNGs and overlays.",
+    )
+    p.add_argument("--config-file", required=True, metavar="FILE", help="model config (YAML)")
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="checkpoint (.pth/.pkl); default: MODEL.WEIGHTS of the config")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", metavar="NAME", help="a dataset registered in DatasetCatalog")
+    src.add_argument("--images", metavar="DIR", help="a folder of images (not recursive)")
+    p.add_argument("--register-coco", nargs=2, metavar=("JSON", "IMAGE_ROOT"),
+                   help="register --dataset NAME from a COCO JSON and its image folder first")
+    p.add_argument("--output", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--score-threshold", type=float, default=0.5,
+                   help="min score of instances in PNGs/overlays (JSON keeps all); default 0.5")
+    p.add_argument("--binary-masks", action="store_true", help="also one PNG per instance")
+    p.add_argument("--no-overlays", action="store_true", help="skip the overlay pictures")
+    p.add_argument("--eval", action="store_true",
+                   help="also evaluate with COCOEvaluator (box + segm; needs --dataset)")
+    p.add_argument("--max-images", type=int, default=None, metavar="N",
+                   help="export only the first N images")
+    p.add_argument("--device", default=None,
+                   help="MODEL.DEVICE (default: the config's, or cpu when CUDA is absent)")
+    p.add_argument("--progress-period", type=float, default=10.0, metavar="SECONDS",
+                   help="seconds between progress lines (default 10)")
+    p.add_argument("opts", nargs=argparse.REMAINDER, default=[],
+                   help="config overrides as KEY VALUE pairs")
+    return p
+
+
+def setup_cfg(config_file: str, opts: List[str], device: Optional[str] = None):
+    """get_cfg + fpn_plugin keys + the YAML + overrides; frozen."""
+    import torch
+    from detectron2.config import get_cfg
+
+    from .. import add_fpn_plugin_config
+
+    cfg = get_cfg()
+    add_fpn_plugin_config(cfg)
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"config file not found: {config_file!r}")
+    try:
+        cfg.merge_from_file(config_file)
+        cfg.merge_from_list(list(opts))
+    except (KeyError, AssertionError) as e:  # yacs: unknown key, odd number of overrides
+        raise ValueError(f"bad config ({config_file}, overrides {list(opts)}): {e}") from e
+    if device:
+        cfg.MODEL.DEVICE = device
+    elif str(cfg.MODEL.DEVICE).startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("MODEL.DEVICE is %r but CUDA is not available: running on cpu",
+                       cfg.MODEL.DEVICE)
+        cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    return cfg
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the export command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    _log_to_stderr()
+
+    from ..checkpoint import CheckpointError
+    from ..evaluation import build_coco_evaluator
+    from .export import export_masks
+
+    try:
+        if args.register_coco:
+            if not args.dataset:
+                raise ValueError("--register-coco needs --dataset NAME")
+            from detectron2.data import DatasetCatalog
+            from detectron2.data.datasets import register_coco_instances
+
+            if args.dataset not in DatasetCatalog.list():
+                register_coco_instances(args.dataset, {}, *args.register_coco)
+        if args.eval and not args.dataset:
+            raise ValueError("--eval needs --dataset (a folder of images has no annotations)")
+        cfg = setup_cfg(args.config_file, args.opts, args.device)
+        evaluator = None
+        if args.eval:
+            evaluator = build_coco_evaluator(args.dataset, os.path.join(args.output, "coco_eval"),
+                                             tasks=("bbox", "segm"), distributed=False)
+        # stdout carries only the final JSON lines; pycocotools prints its tables to stdout.
+        with contextlib.redirect_stdout(sys.stderr):
+            summary = export_masks(
+                cfg, args.weights, output_dir=args.output, dataset=args.dataset,
+                image_dir=args.images, score_threshold=args.score_threshold,
+                binary_masks=args.binary_masks, overlays=not args.no_overlays,
+                evaluator=evaluator, max_images=args.max_images,
+                progress_period_s=args.progress_period,
+            )
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no results JSON written (a previous complete one is unchanged)",
+              file=sys.stderr)
+        return 130
+    print(json.dumps({k: summary[k] for k in ("results_json", "num_images", "num_exported",
+                                              "num_detections")}))
+    if summary.get("metrics"):
+        print(json.dumps(summary["metrics"]))
+    return 0

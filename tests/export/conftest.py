@@ -1,0 +1,146 @@
+"""Fixtures of the export tests: a tiny COCO dataset on disk and a tiny Mask R-CNN."""
+import json
+import os
+import uuid
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+from detectron2.modeling import build_model
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    # Tiny models gain nothing from threads, and the shared 2-core machines make them contend.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# Non-contiguous dataset ids, so a missing id mapping would show in the results.
+CATEGORIES = [{"id": 3, "name": "square"}, {"id": 7, "name": "triangle"}]
+IMAGE_HW = (64, 80)
+
+
+def _shape_polygon(rng, kind, h, w):
+    size = int(rng.integers(14, 42))
+    x0 = int(rng.integers(0, w - size))
+    y0 = int(rng.integers(0, h - size))
+    if kind == 3:
+        pts = [(x0, y0), (x0 + size, y0), (x0 + size, y0 + size), (x0, y0 + size)]
+    else:
+        pts = [(x0, y0 + size), (x0 + size // 2, y0), (x0 + size, y0 + size)]
+    return [float(c) for p in pts for c in p]
+
+
+def make_coco_dataset(root, num_images=4, seed=0):
+    """Write images + a COCO JSON with polygon masks; return (json_path, image_dir)."""
+    rng = np.random.default_rng(seed)
+    h, w = IMAGE_HW
+    image_dir = os.path.join(root, "images")
+    os.makedirs(image_dir, exist_ok=True)
+    images, annotations = [], []
+    for i in range(num_images):
+        image = rng.integers(0, 60, size=(h, w, 3), dtype=np.uint8)
+        for j in range(2 + i % 2):
+            cat = CATEGORIES[(i + j) % 2]["id"]
+            poly = _shape_polygon(rng, cat, h, w)
+            color = (200, 80, 40) if cat == 3 else (40, 200, 220)
+            cv2.fillPoly(image, [np.array(poly, dtype=np.int32).reshape(-1, 2)], color)
+            xs, ys = poly[0::2], poly[1::2]
+            bbox = [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": 10 + i, "category_id": cat,
+                "segmentation": [poly], "bbox": bbox, "area": bbox[2] * bbox[3] * 0.75,
+                "iscrowd": 0,
+            })
+        file_name = f"img_{i}.png"
+        cv2.imwrite(os.path.join(image_dir, file_name), image)
+        images.append({"id": 10 + i, "file_name": file_name, "height": h, "width": w})
+    json_path = os.path.join(root, "annotations.json")
+    with open(json_path, "w") as f:
+        json.dump({"images": images, "annotations": annotations, "categories": CATEGORIES}, f)
+    return json_path, image_dir
+
+
+@pytest.fixture
+def coco_dataset(tmp_path):
+    """A registered tiny COCO dataset: (name, json_path, image_dir); unregistered afterwards."""
+    json_path, image_dir = make_coco_dataset(str(tmp_path / "data"))
+    name = f"export_test_{uuid.uuid4().hex[:8]}"
+    register_coco_instances(name, {}, json_path, image_dir)
+    DatasetCatalog.get(name)  # fills thing_classes / thing_dataset_id_to_contiguous_id
+    yield name, json_path, image_dir
+    DatasetCatalog.remove(name)
+    MetadataCatalog.remove(name)
+
+
+def tiny_mask_rcnn_cfg(num_classes=2):
+    """Detectron2's built-in Mask R-CNN, R18-FPN, narrow heads, tiny test resolution, CPU."""
+    cfg = get_cfg()
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
+    cfg.MODEL.MASK_ON = True
+    cfg.MODEL.BACKBONE.NAME = "build_resnet_fpn_backbone"
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.FPN.OUT_CHANNELS = 32
+    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[16], [32], [64], [128], [256]]
+    cfg.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+    cfg.MODEL.RPN.PRE_NMS_TOPK_TEST = 200
+    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 50
+    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
+    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
+    cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
+    cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 2
+    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 64
+    cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 7
+    cfg.MODEL.ROI_MASK_HEAD.NAME = "MaskRCNNConvUpsampleHead"
+    cfg.MODEL.ROI_MASK_HEAD.NUM_CONV = 2
+    cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = 16
+    cfg.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION = 14
+    cfg.TEST.DETECTIONS_PER_IMAGE = 20
+    cfg.INPUT.MIN_SIZE_TEST = 64
+    cfg.INPUT.MAX_SIZE_TEST = 128
+    return cfg
+
+
+@pytest.fixture
+def tiny_cfg():
+    return tiny_mask_rcnn_cfg()
+
+
+def save_random_weights(cfg, path, seed=0):
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    torch.save({"model": model.state_dict(), "iteration": 0}, path)
+    return path
+
+
+@pytest.fixture
+def tiny_weights(tmp_path, tiny_cfg):
+    """A .pth checkpoint of a randomly initialised tiny model (a real file on the load path)."""
+    return save_random_weights(tiny_cfg, str(tmp_path / "tiny_model.pth"))
+
+
+# Test modules cannot import conftest under --import-mode=importlib: hand out the builders.
+@pytest.fixture
+def cfg_factory():
+    return tiny_mask_rcnn_cfg
+
+
+@pytest.fixture
+def weights_factory():
+    return save_random_weights
+
+
+@pytest.fixture
+def dataset_factory():
+    return make_coco_dataset
