@@ -35,6 +35,21 @@ def _log_to_stderr() -> None:
             log.addHandler(handler)
 
 
+def _register_shapes_if_named(cfg, dataset: str) -> None:
+    """The embedded demo dataset ("shapes_train"/"shapes_val") is registered from
+    cfg.DATASETS.SHAPES (generated if missing), as the plugin's training does."""
+    from detectron2.data import DatasetCatalog
+
+    if dataset not in ("shapes_train", "shapes_val") or dataset in DatasetCatalog.list() \
+            or "SHAPES" not in cfg.DATASETS:
+        return
+    from ..data.shapes import register_shapes_dataset
+
+    s = cfg.DATASETS.SHAPES
+    register_shapes_dataset(s.ROOT, num_train=s.NUM_TRAIN, num_val=s.NUM_VAL,
+                            image_size=s.IMAGE_SIZE, seed=s.SEED)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fpn_plugin.export",
@@ -45,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, metavar="FILE",
                    help="checkpoint (.pth/.pkl); default: MODEL.WEIGHTS of the config")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--dataset", metavar="NAME", help="a dataset registered in DatasetCatalog")
+    src.add_argument("--dataset", metavar="NAME",
+                     help="a dataset registered in DatasetCatalog (Detectron2's builtin ones, "
+                          "shapes_train/shapes_val from DATASETS.SHAPES, or --register-coco)")
     src.add_argument("--images", metavar="DIR", help="a folder of images (not recursive)")
     p.add_argument("--register-coco", nargs=2, metavar=("JSON", "IMAGE_ROOT"),
                    help="register --dataset NAME from a COCO JSON and its image folder first")
@@ -114,6 +131,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.eval and not args.dataset:
             raise ValueError("--eval needs --dataset (a folder of images has no annotations)")
         cfg = setup_cfg(args.config_file, args.opts, args.device)
+        if args.dataset:
+            _register_shapes_if_named(cfg, args.dataset)
         evaluator = None
         if args.eval:
             evaluator = build_coco_evaluator(args.dataset, os.path.join(args.output, "coco_eval"),

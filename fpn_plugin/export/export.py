@@ -17,7 +17,8 @@ Output layout under ``output_dir``::
 
 Every file is written to a temporary name and renamed when complete, so an interrupted
 export never leaves a truncated file that looks complete (the results JSON of a previous
-complete run stays as it was).
+complete run stays as it was). The JSON files are also fsynced; the many small per-image files
+are not (a power loss, unlike a crash of the process, may lose the last few of them).
 """
 import logging
 import math
@@ -300,7 +301,10 @@ def _write_image_outputs(output_dir, name, item, image, image_format, instances,
     masks = shown.pred_masks.numpy().astype(bool) if has_masks else \
         np.zeros((len(shown), height, width), dtype=bool)
 
-    write_image(os.path.join(output_dir, "instance_maps", name + ".png"), instance_id_map(masks))
+    # Per-image files are atomic but not fsynced (two syncs per small file add up); the
+    # results JSON, images.json and summary.json are fsynced.
+    write_image(os.path.join(output_dir, "instance_maps", name + ".png"), instance_id_map(masks),
+                durable=False)
     boxes = shown.pred_boxes.tensor.numpy()
     listed = []
     for k in range(len(shown)):
@@ -315,12 +319,12 @@ def _write_image_outputs(output_dir, name, item, image, image_format, instances,
         })
     atomic_write_json(os.path.join(output_dir, "instance_maps", name + ".json"), {
         "image_id": item["image_id"], "file_name": item["file_name"], "height": height,
-        "width": width, "has_masks": has_masks, "instances": listed})
+        "width": width, "has_masks": has_masks, "instances": listed}, durable=False)
 
     if binary_masks:
         for k in range(len(shown)):
             write_image(os.path.join(output_dir, "instance_masks", name, f"{k + 1}.png"),
-                        masks[k].astype(np.uint8) * 255)
+                        masks[k].astype(np.uint8) * 255, durable=False)
     if overlays:
         from detectron2.utils.visualizer import ColorMode, Visualizer
 
@@ -328,4 +332,4 @@ def _write_image_outputs(output_dir, name, item, image, image_format, instances,
         drawn = Visualizer(rgb, metadata, instance_mode=ColorMode.IMAGE) \
             .draw_instance_predictions(shown).get_image()
         write_image(os.path.join(output_dir, "overlays", name + ".jpg"),
-                    np.ascontiguousarray(drawn[:, :, ::-1]))
+                    np.ascontiguousarray(drawn[:, :, ::-1]), durable=False)

@@ -82,10 +82,11 @@ def test_unserializable_record_does_not_corrupt_stream(tmp_path):
     assert json.load(open(path)) == [{"a": 1}, {"c": 3}]
 
 
-def test_write_image_png16_roundtrip_and_atomic(tmp_path):
+@pytest.mark.parametrize("durable", [True, False])
+def test_write_image_png16_roundtrip_and_atomic(tmp_path, durable):
     path = str(tmp_path / "sub" / "ids.png")
     ids = np.arange(12, dtype=np.uint16).reshape(3, 4) * 1000
-    write_image(path, ids)
+    write_image(path, ids, durable=durable)
     back = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     assert back.dtype == np.uint16 and np.array_equal(back, ids)
     assert _leftovers(tmp_path / "sub") == []
