@@ -3,20 +3,36 @@
 
 def add_neck_config(cfg):
     """
-    Add the neck's keys to ``cfg.MODEL.FPN``. Detectron2's keys (IN_FEATURES, OUT_CHANNELS,
-    NORM, FUSE_TYPE) keep their meaning; every default here reproduces Detectron2's FPN.
+    Add the neck's keys to ``cfg.MODEL.FPN`` (in place).
+
+    Detectron2's own keys keep their meaning and defaults: ``IN_FEATURES`` (backbone features
+    fed to the neck, high to low resolution), ``OUT_CHANNELS`` (channels of every pyramid
+    level, 256), ``NORM`` (norm of lateral/output convs: "" | "BN" | "SyncBN" | "FrozenBN" |
+    "GN" | anything ``detectron2.layers.get_norm`` accepts) and ``FUSE_TYPE`` ("sum" | "avg",
+    here also "weighted"). Every default added here reproduces Detectron2's FPN
+    (``build_resnet_fpn_backbone``) exactly.
+
+    Args:
+        cfg (CfgNode): a Detectron2 config, e.g. from ``detectron2.config.get_cfg()``.
     """
     fpn = cfg.MODEL.FPN
-    # Backbone built under the neck by `build_fpn_plugin_backbone` (any BACKBONE_REGISTRY name).
+    # BACKBONE_REGISTRY name of the bottom-up backbone that `build_custom_fpn_backbone` puts
+    # under the neck; it is called as `builder(cfg, input_shape)` and must return a Backbone.
+    # (`build_resnet_custom_fpn_backbone` always uses ResNet and ignores this key.)
     fpn.BOTTOM_UP_BACKBONE = "build_resnet_backbone"
-    # Extra levels above the last input: "none" | "maxpool" (P6 = maxpool(P5)) |
-    # "p6p7_res5" (P6/P7 3x3 stride-2 convs from the last backbone feature, RetinaNet) |
-    # "p6p7_p5" (the same convs from P5).
+    # Extra levels above the last pyramid level:
+    #   "none"      no extra level;
+    #   "maxpool"   P6 = max_pool(P5, kernel 1, stride 2)  (Faster/Mask R-CNN FPN);
+    #   "p6p7_res5" P6/P7 3x3 stride-2 convs from the last backbone feature (res5), RetinaNet;
+    #   "p6p7_p5"   the same convs from the last pyramid level (P5), as in FCOS.
     fpn.TOP_BLOCK = "maxpool"
-    # Top-down upsampling: "nearest" | "bilinear".
+    # Top-down upsampling of the coarser level to the lateral's size: "nearest" | "bilinear"
+    # (bilinear uses align_corners=False).
     fpn.UPSAMPLE_MODE = "nearest"
-    # FUSE_TYPE also accepts "weighted": fast normalized fusion with learnable, non-negative
-    # per-input weights (EfficientDet). Epsilon of its normalisation:
+    # FUSE_TYPE also accepts "weighted": fast normalized fusion (EfficientDet/BiFPN) with one
+    # learnable weight per input and fusion node, kept non-negative by a ReLU:
+    # out = sum_i relu(w_i) * x_i / (sum_j relu(w_j) + eps). Its eps:
     fpn.WEIGHTED_FUSION_EPS = 1e-4
-    # PANet bottom-up path augmentation after the top-down path.
+    # PANet bottom-up path augmentation after the top-down path: N2 = P2 and
+    # N(i) = conv3x3(fuse(P(i), conv3x3_stride2(N(i-1)))); its convs use NORM as well.
     fpn.BOTTOM_UP_PATH = False
