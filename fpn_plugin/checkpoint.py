@@ -14,6 +14,7 @@ checkpoints of the model zoo) is inherited, so training code can use it as a dro
   :class:`CheckpointMismatchError` naming the file and the first offending keys.
 """
 import collections
+import inspect
 import logging
 import os
 import pickle
@@ -142,6 +143,10 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 def _torch_load_weights_only(path: str):
     """``torch.load(weights_only=True)``, also accepting numpy arrays where torch can."""
+    if "weights_only" not in inspect.signature(torch.load).parameters:
+        # Never fall back to a full unpickle: that would run code from the file.
+        raise CheckpointError(f"cannot load {path!r} safely: torch {torch.__version__} has no "
+                              "torch.load(weights_only=True); use torch >= 1.13")
     safe_globals = getattr(torch.serialization, "safe_globals", None)
     if safe_globals is None:  # torch < 2.5: the default weights-only allow-list
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -175,6 +180,8 @@ def load_checkpoint_file(path: str) -> Any:
                 # latin1: Detectron1 / Caffe2 checkpoints are Python 2 pickles.
                 return _NumpyOnlyUnpickler(f, encoding="latin1").load()
         return _torch_load_weights_only(path)
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as e:
         reason = str(e).strip()
         if any(marker.lower() in reason.lower() for marker in _REFUSED_MARKERS):

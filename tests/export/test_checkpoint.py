@@ -194,3 +194,15 @@ def test_load_checkpoint_file_returns_plain_data(tmp_path):
     torch.save({"model": {"a": torch.ones(2)}, "iteration": 1}, path)
     data = load_checkpoint_file(path)
     assert data["iteration"] == 1 and torch.equal(data["model"]["a"], torch.ones(2))
+
+
+def test_torch_without_weights_only_is_refused_not_unpickled(tmp_path, monkeypatch):
+    path = str(tmp_path / "model.pth")
+    torch.save({"model": _Net().state_dict()}, path)
+
+    def old_torch_load(f, map_location=None):  # torch < 1.13 signature
+        pytest.fail("a full unpickle must never be attempted")
+
+    monkeypatch.setattr(torch, "load", old_torch_load)
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        load_checkpoint_file(path)
