@@ -200,7 +200,8 @@ def load_checkpoint_file(path: str) -> Any:
         # for truncated or random bytes.
         detail = "the file is empty or truncated" if isinstance(e, EOFError) else \
             f"{type(e).__name__}: {_first_line(str(e))}"
-        raise CheckpointError(f"checkpoint {path!r} is corrupt or not a checkpoint ({detail})") from e
+        raise CheckpointError(
+            f"checkpoint {path!r} is corrupt or not a checkpoint ({detail})") from e
 
 
 def _first_line(text: str) -> str:

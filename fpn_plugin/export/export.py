@@ -25,7 +25,7 @@ import math
 import os
 import time
 from contextlib import ExitStack
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -141,6 +141,18 @@ def _check_num_classes(cfg, to_dataset: Optional[Dict[int, int]], metadata_name:
         )
 
 
+def _load_metadata(name: str) -> None:
+    """COCO-JSON datasets get their class names and id mapping only when loaded; loading
+    the dataset dicts once fills them. A failure only costs the names (logged)."""
+    if name not in DatasetCatalog.list():
+        return
+    try:
+        DatasetCatalog.get(name)
+    except Exception as e:  # e.g. its files are not on this machine
+        logger.warning("class names of %r unavailable (%s: %s); writing contiguous ids",
+                       name, type(e).__name__, e)
+
+
 def _finite_or_none(obj):
     """Metrics may hold NaN, which strict JSON cannot carry: write null instead."""
     if isinstance(obj, dict):
@@ -206,6 +218,8 @@ def export_masks(cfg, weights: Optional[str] = None, *, output_dir: str,
             cfg.DATASETS.TEST[0] in MetadataCatalog.list():
         metadata_name = cfg.DATASETS.TEST[0]
     metadata = MetadataCatalog.get(metadata_name) if metadata_name else None
+    if dataset is None and metadata is not None and not metadata.get("thing_classes"):
+        _load_metadata(metadata_name)
     to_dataset = contiguous_to_dataset_ids(metadata)
     _check_num_classes(cfg, to_dataset, metadata_name)
     class_names = metadata.get("thing_classes") if metadata is not None else None

@@ -267,3 +267,29 @@ def test_python_dash_m_entry_point(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr
     assert "config file not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_folder_export_takes_classes_from_the_test_dataset(dataset_factory, tiny_cfg,
+                                                          tiny_weights, tmp_path):
+    """A folder export names classes and writes dataset category ids of cfg.DATASETS.TEST[0],
+    even when that COCO dataset was registered but never loaded (lazy metadata)."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    json_path, image_dir = dataset_factory(str(tmp_path / "data"), num_images=2)
+    register_coco_instances("export_lazy_meta_ds", {}, json_path, image_dir)
+    try:
+        assert not MetadataCatalog.get("export_lazy_meta_ds").get("thing_classes")
+        cfg = tiny_cfg.clone()
+        cfg.DATASETS.TEST = ("export_lazy_meta_ds",)
+        out = str(tmp_path / "out")
+        summary = export_masks(cfg, tiny_weights, image_dir=image_dir, output_dir=out,
+                               score_threshold=0.0, overlays=False)
+    finally:
+        DatasetCatalog.remove("export_lazy_meta_ds")
+        MetadataCatalog.remove("export_lazy_meta_ds")
+    assert summary["category_ids"] == "dataset"
+    results = json.load(open(os.path.join(out, RESULTS_FILE)))
+    assert results and {r["category_id"] for r in results} <= {3, 7}
+    listing = json.load(open(os.path.join(out, "instance_maps", "img_0.json")))
+    assert {i["category"] for i in listing["instances"]} <= {"square", "triangle"}
