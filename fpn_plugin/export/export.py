@@ -35,6 +35,7 @@ from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 
 from ..checkpoint import CheckpointError, SafeDetectionCheckpointer
+from ..inference import prepare_for_inference
 from ..evaluation.coco import check_dataset_registered
 from .coco_results import contiguous_to_dataset_ids, instances_to_coco_results
 from .masks import instance_id_map, score_order
@@ -77,6 +78,8 @@ class _Inference:
         self.model = build_model(cfg)
         self.model.eval()
         SafeDetectionCheckpointer(self.model, strict=True).load(weights, checkpointables=[])
+        if "FAST_INFERENCE" in cfg.MODEL:  # configs without the plugin's keys run plain fp32
+            prepare_for_inference(self.model, cfg)
         self.augmentations = T.AugmentationList(d2_utils.build_augmentation(cfg, is_train=False))
 
     def __call__(self, image: np.ndarray, inputs: Dict[str, Any]) -> Dict[str, Any]:

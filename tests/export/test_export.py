@@ -293,3 +293,27 @@ def test_folder_export_takes_classes_from_the_test_dataset(dataset_factory, tiny
     assert results and {r["category_id"] for r in results} <= {3, 7}
     listing = json.load(open(os.path.join(out, "instance_maps", "img_0.json")))
     assert {i["category"] for i in listing["instances"]} <= {"square", "triangle"}
+
+
+def test_export_applies_the_fast_inference_config(coco_dataset, tiny_cfg, tiny_weights, tmp_path,
+                                                  monkeypatch):
+    """MODEL.FAST_INFERENCE reaches the exported model (bf16 convs, fp32 results)."""
+    import fpn_plugin.inference as inference
+
+    if "FAST_INFERENCE" not in tiny_cfg.MODEL:
+        from fpn_plugin import add_fpn_plugin_config
+
+        add_fpn_plugin_config(tiny_cfg)
+    seen = []
+    original = inference.enable_fast_inference
+    monkeypatch.setattr(inference, "enable_fast_inference",
+                        lambda model, *a, **k: seen.append(a) or original(model, *a, **k))
+    tiny_cfg.MODEL.FAST_INFERENCE.PRECISION = "bf16"
+    tiny_cfg.MODEL.FAST_INFERENCE.CHANNELS_LAST = True
+    name, _, _ = coco_dataset
+    summary = export_masks(tiny_cfg, tiny_weights, dataset=name, output_dir=str(tmp_path / "out"),
+                           score_threshold=0.0)
+    assert seen == [("bf16", True)]
+    assert summary["num_exported"] == 4
+    results = json.load(open(os.path.join(str(tmp_path / "out"), RESULTS_FILE)))
+    assert all(math.isfinite(r["score"]) for r in results)
