@@ -52,6 +52,7 @@ class CustomFPN(Backbone):
 
     _fuse_type: torch.jit.Final[str]
     _upsample_mode: torch.jit.Final[str]
+    _top_block_reads_backbone: torch.jit.Final[bool]
 
     @configurable
     def __init__(
@@ -117,12 +118,18 @@ class CustomFPN(Backbone):
                 raise ValueError(
                     f"MODEL.FPN.TOP_BLOCK={top_block!r} is not one of {list(TOP_BLOCKS)}"
                 )
+            # A named block knows its source, even if the backbone also has a "p5" output
+            # (e.g. an FPN used as bottom-up backbone).
+            reads_backbone = top_block == "p6p7_res5"
             top_block = build_top_block(
                 top_block, in_features[-1], in_channels_per_feature[-1], level_names[-1],
                 out_channels,
             )
+        else:
+            # Detectron2's rule for a given module: a backbone feature of that name wins.
+            reads_backbone = getattr(top_block, "in_feature", None) in input_shapes
         if top_block is not None:
-            _check_top_block(top_block, input_shapes, level_names, out_channels)
+            _check_top_block(top_block, input_shapes, level_names, out_channels, reads_backbone)
 
         # Lateral/output convs exactly as Detectron2's FPN: names, bias rule, init, and the
         # creation order (the random-number order of a fresh build).
@@ -198,6 +205,7 @@ class CustomFPN(Backbone):
         self._square_pad = square_pad
         self._fuse_type = fuse_type
         self._upsample_mode = upsample_mode
+        self._top_block_reads_backbone = reads_backbone
 
     @classmethod
     def from_config(cls, cfg, input_shape, bottom_up=None):
@@ -280,8 +288,7 @@ class CustomFPN(Backbone):
             results = augmented
 
         if self.top_block is not None:
-            # As Detectron2: a backbone feature of that name wins over a pyramid level.
-            if self.top_block.in_feature in bottom_up_features:
+            if self._top_block_reads_backbone:
                 top_block_in_feature = bottom_up_features[self.top_block.in_feature]
             else:
                 top_block_in_feature = results[self._out_features.index(self.top_block.in_feature)]
@@ -371,7 +378,7 @@ def _check_options(out_channels, norm, fuse_type, upsample_mode, bottom_up_path,
         raise ValueError(f"MODEL.FPN.WEIGHTED_FUSION_EPS={eps!r} must be a number > 0")
 
 
-def _check_top_block(top_block, input_shapes, level_names, out_channels):
+def _check_top_block(top_block, input_shapes, level_names, out_channels, reads_backbone):
     num_levels = getattr(top_block, "num_levels", None)
     in_feature = getattr(top_block, "in_feature", None)
     if not isinstance(num_levels, int) or num_levels < 1 or not isinstance(in_feature, str):
@@ -379,7 +386,7 @@ def _check_top_block(top_block, input_shapes, level_names, out_channels):
             f"top_block {type(top_block).__name__} needs an int attribute num_levels >= 1 and "
             f"a str attribute in_feature; got num_levels={num_levels!r}, in_feature={in_feature!r}"
         )
-    if in_feature in input_shapes:
+    if reads_backbone:
         channels = input_shapes[in_feature].channels
     elif in_feature in level_names:
         channels = out_channels

@@ -231,3 +231,11 @@ def test_single_input_feature_is_a_plain_conv_stack():
     model = build_backbone(toy_cfg(IN_FEATURES=["res4"], FUSE_TYPE="weighted", BOTTOM_UP_PATH=True))
     assert model.top_down_fusion is None and model.pan_fusion is None
     assert list(model(torch.randn(1, 3, 32, 32))) == ["p4", "p5"]
+
+
+def test_named_top_block_reads_its_own_level_even_if_the_backbone_has_that_name():
+    """A bottom-up backbone with "p*" outputs (e.g. another FPN) does not shadow P5."""
+    bottom_up = ToyBackbone(names=("p2", "p3", "p4", "p5"))  # its "p5" has 40 channels
+    neck = CustomFPN(bottom_up, ["p2", "p3", "p4", "p5"], 32, top_block="maxpool").eval()
+    out = neck(torch.randn(1, 3, 64, 64))
+    assert torch.equal(out["p6"], F.max_pool2d(out["p5"], kernel_size=1, stride=2))
