@@ -330,7 +330,8 @@ def _check_in_features(in_features, input_shapes):
         if f not in input_shapes:
             raise ValueError(
                 f"{key}={in_features!r}: {f!r} is not produced by the bottom-up backbone, "
-                f"which outputs {list(input_shapes)} (for ResNet, set by MODEL.RESNETS.OUT_FEATURES)"
+                f"which outputs {list(input_shapes)} "
+                "(for ResNet, set by MODEL.RESNETS.OUT_FEATURES)"
             )
     strides = [input_shapes[f].stride for f in in_features]
     channels = [input_shapes[f].channels for f in in_features]
