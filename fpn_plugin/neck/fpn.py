@@ -310,9 +310,8 @@ class CustomFPN(Backbone):
         Detectron2 does for its FPN (the copy's state-dict keys change accordingly).
         """
         ret = copy.deepcopy(self)
-        level_module_names = [
-            name for name, _ in self.named_children() if name.startswith(("fpn_", "pan_d", "pan_o"))
-        ]
+        per_level = ("fpn_lateral", "fpn_output", "pan_downsample", "pan_output")
+        level_module_names = [n for n, _ in self.named_children() if n.startswith(per_level)]
         ret.lateral_convs = nn.ModuleList(ret.lateral_convs)
         ret.output_convs = nn.ModuleList(ret.output_convs)
         ret.pan_downsample_convs = nn.ModuleList(ret.pan_downsample_convs)
