@@ -21,6 +21,11 @@ def add_data_config(cfg):
     - ``CHECK_IMAGES`` (default ``True``): whether the validation opens every image file (its
       header only) to check that it exists, decodes and has the record's size. Turning it off
       saves start-up time on huge datasets whose files are known to be good.
+
+    And under ``cfg.DATASETS.SHAPES``, the embedded shapes dataset that configs naming
+    ``shapes_train``/``shapes_val`` use (``train_net.py`` and the demo generate it if missing):
+    ``ROOT`` ("datasets/generated/shapes"), ``NUM_TRAIN`` (400), ``NUM_VAL`` (100),
+    ``IMAGE_SIZE`` (256), ``SEED`` (0); see ``fpn_plugin.data.shapes.ensure_shapes_dataset``.
     """
     cfg.DATALOADER.INVALID_RECORDS = "skip"
     cfg.DATALOADER.CHECK_IMAGES = True

@@ -27,6 +27,7 @@ __all__ = [
     "SHAPE_CLASSES",
     "ensure_shapes_dataset",
     "register_shapes_dataset",
+    "register_shapes_from_config",
     "generate_shapes_image",
 ]
 
@@ -324,3 +325,23 @@ def register_shapes_dataset(root: str, prefix: str = "shapes", **kwargs) -> List
             register_coco_instances(name, {}, json_path, image_dir)
         names.append(name)
     return names
+
+
+def register_shapes_from_config(cfg) -> List[str]:
+    """
+    ``register_shapes_dataset`` with the sizes in ``cfg.DATASETS.SHAPES`` (ROOT, NUM_TRAIN,
+    NUM_VAL, IMAGE_SIZE, SEED), as "shapes_train" / "shapes_val".
+
+    Raises:
+        ValueError: naming the ``DATASETS.SHAPES.*`` key whose value is unusable.
+    """
+    s = cfg.DATASETS.SHAPES
+    checks = [("NUM_TRAIN", s.NUM_TRAIN, 1), ("NUM_VAL", s.NUM_VAL, 1),
+              ("IMAGE_SIZE", s.IMAGE_SIZE, 32), ("SEED", s.SEED, 0)]
+    for key, value, minimum in checks:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"DATASETS.SHAPES.{key} must be an integer >= {minimum}, got {value!r}")
+    if not isinstance(s.ROOT, str) or not s.ROOT:
+        raise ValueError(f"DATASETS.SHAPES.ROOT must be a folder path, got {s.ROOT!r}")
+    return register_shapes_dataset(s.ROOT, num_train=s.NUM_TRAIN, num_val=s.NUM_VAL,
+                                   image_size=s.IMAGE_SIZE, seed=s.SEED)

@@ -27,7 +27,7 @@ from detectron2.engine import default_setup
 from detectron2.utils.logger import setup_logger
 
 from fpn_plugin import add_fpn_plugin_config
-from fpn_plugin.data.shapes import register_shapes_dataset
+from fpn_plugin.data.shapes import register_shapes_from_config
 from fpn_plugin.engine import Trainer, plot_training_curve
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -109,9 +109,7 @@ def main(argv=None):
 
     # 1. dataset -------------------------------------------------------------------------
     stages.begin(1, "dataset: generate (if missing) and register the shapes dataset")
-    s = cfg.DATASETS.SHAPES
-    register_shapes_dataset(s.ROOT, num_train=s.NUM_TRAIN, num_val=s.NUM_VAL,
-                            image_size=s.IMAGE_SIZE, seed=s.SEED)
+    register_shapes_from_config(cfg)
     val_name = cfg.DATASETS.TEST[0]
 
     # 2. training + evaluation -----------------------------------------------------------
@@ -148,7 +146,7 @@ def main(argv=None):
     summary = {
         "config": os.path.abspath(args.config_file),
         "output_dir": os.path.abspath(cfg.OUTPUT_DIR),
-        "dataset": os.path.abspath(s.ROOT),
+        "dataset": os.path.abspath(cfg.DATASETS.SHAPES.ROOT),
         "box_AP": box_ap,
         "mask_AP": mask_ap,
         "mask_AP_target": MASK_AP_TARGET,

@@ -41,16 +41,14 @@ def register_datasets(cfg):
     names = set(cfg.DATASETS.TRAIN) | set(cfg.DATASETS.TEST)
     if not any(n.startswith("shapes_") for n in names):
         return
-    from fpn_plugin.data.shapes import register_shapes_dataset
+    from fpn_plugin.data.shapes import register_shapes_from_config
 
-    s = cfg.DATASETS.SHAPES
-    kwargs = dict(num_train=s.NUM_TRAIN, num_val=s.NUM_VAL, image_size=s.IMAGE_SIZE, seed=s.SEED)
     # Only the main process generates; the others wait, then register the same files.
     if comm.is_main_process():
-        register_shapes_dataset(s.ROOT, **kwargs)
+        register_shapes_from_config(cfg)
     comm.synchronize()
     if not comm.is_main_process():
-        register_shapes_dataset(s.ROOT, **kwargs)
+        register_shapes_from_config(cfg)
 
 
 def main(args):

@@ -151,3 +151,19 @@ def test_register_loads_through_detectron2(tmp_path):
         for n in names:
             DatasetCatalog.remove(n)
             MetadataCatalog.remove(n)
+
+
+@pytest.mark.parametrize("key, value", [("IMAGE_SIZE", 16), ("NUM_TRAIN", 0), ("SEED", -1),
+                                        ("NUM_VAL", 2.5)])
+def test_bad_shapes_config_names_the_key(tmp_path, key, value):
+    from detectron2.config import get_cfg
+
+    from fpn_plugin import add_fpn_plugin_config
+    from fpn_plugin.data.shapes import register_shapes_from_config
+
+    cfg = add_fpn_plugin_config(get_cfg())
+    cfg.DATASETS.SHAPES.ROOT = str(tmp_path)
+    cfg.DATASETS.SHAPES[key] = value
+    with pytest.raises(ValueError, match=rf"DATASETS.SHAPES.{key} .*{value}"):
+        register_shapes_from_config(cfg)
+    assert not os.listdir(tmp_path)  # refused before writing anything
