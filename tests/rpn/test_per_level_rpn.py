@@ -237,18 +237,61 @@ def test_per_level_topk_lists_reach_the_module(fpn_cfg, fpn_shapes):
     assert rpn.post_nms_topk_per_level
 
 
-def test_scripting_with_instances():
+def _scripting_with_instances():
+    """Detectron2's ``scripting_with_instances``; on v0.6, whose ``detectron2.export`` package
+    imports caffe2 (gone from modern torch), its same-named helpers are loaded from
+    ``export/torchscript_patch.py`` directly (that file imports nothing from caffe2)."""
     try:
         from detectron2.export import scripting_with_instances
-    except ImportError as e:  # v0.6's detectron2.export imports caffe2, gone from modern torch
-        pytest.skip(f"detectron2.export does not import here: {e}")
+
+        return scripting_with_instances
+    except ImportError:
+        pass
+    import contextlib
+    import importlib.util
+    import os
+    import sys
+
+    import detectron2
+
+    path = os.path.join(os.path.dirname(detectron2.__file__), "export", "torchscript_patch.py")
+    spec = importlib.util.spec_from_file_location("_fpn_plugin_d2_torchscript_patch", path)
+    patch = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = patch  # patch_instances looks itself up there
+    spec.loader.exec_module(patch)
+
+    def scripting_with_instances(model, fields):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(patch.freeze_training_mode(model))
+            stack.enter_context(patch.patch_instances(fields))
+            return torch.jit.script(model)
+
+    return scripting_with_instances
+
+
+@pytest.mark.parametrize("layout", ["c4_default", "fpn_unshared_per_level"])
+def test_scripted_rpn_equals_eager(layout):
     cfg = _use_plugin(get_cfg())
     add_fpn_plugin_config(cfg)
-    rpn = build_proposal_generator(cfg, {"res4": ShapeSpec(channels=64, stride=16)}).eval()
-    images = ImageList(torch.rand(2, 3, 30, 40), [(32, 32), (30, 40)])
-    features = {"res4": torch.rand(2, 64, 2, 3)}
+    if layout == "c4_default":  # upstream's test_rpn_scriptability case
+        shapes = {"res4": ShapeSpec(channels=64, stride=16)}
+    else:
+        shapes = {f"p{i}": ShapeSpec(channels=16, stride=2 ** i) for i in range(2, 7)}
+        cfg.MODEL.RPN.IN_FEATURES = list(shapes)
+        cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]
+        cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [[0.5, 1.0, 2.0]] * 4 + [[0.25, 0.5, 1.0, 2.0, 4.0]]
+        cfg.MODEL.RPN.SHARED_HEAD = False
+        cfg.MODEL.RPN.POST_NMS_TOPK_MODE = "per_level"
+        cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 40
+    rpn = build_proposal_generator(cfg, shapes).eval()
+    _randomize(rpn, seed=0)
+    images = ImageList(torch.rand(2, 3, 64, 64), [(64, 64), (50, 60)])
+    g = torch.Generator().manual_seed(0)
+    features = {k: torch.rand(2, s.channels, 64 // s.stride + 1, 64 // s.stride + 1, generator=g) for k, s in shapes.items()}
     fields = {"proposal_boxes": Boxes, "objectness_logits": torch.Tensor, "proposal_levels": torch.Tensor}
-    scripted = scripting_with_instances(rpn, fields)
+    scripted = _scripting_with_instances()(rpn, fields)
     for p, q in zip(rpn(images, features)[0], scripted(images, features)[0]):
+        assert len(p) > 0
         assert torch.equal(p.proposal_boxes.tensor, q.proposal_boxes.tensor)
         assert torch.equal(p.objectness_logits, q.objectness_logits)
+        assert torch.equal(p.proposal_levels, q.proposal_levels)
