@@ -34,7 +34,9 @@ __all__ = [
 ]
 
 
-def conv_norm_relu(in_channels: int, out_channels: int, norm: str = "") -> Conv2d:
+def conv_norm_relu(
+    in_channels: int, out_channels: int, norm: str = "", init: bool = True
+) -> Conv2d:
     """3x3 stride-1 conv (bias only without norm), optional norm, ReLU; MSRA-initialised."""
     conv = Conv2d(
         in_channels,
@@ -46,11 +48,14 @@ def conv_norm_relu(in_channels: int, out_channels: int, norm: str = "") -> Conv2
         norm=get_norm(norm, out_channels),
         activation=nn.ReLU(),
     )
-    weight_init.c2_msra_fill(conv)
+    if init:
+        weight_init.c2_msra_fill(conv)
     return conv
 
 
-def upsample_layers(mode: str, in_channels: int, out_channels: int, norm: str = ""):
+def upsample_layers(
+    mode: str, in_channels: int, out_channels: int, norm: str = "", init: bool = True
+):
     """
     The (name, module) pairs that double the spatial size of a ``(B, in_channels, R, R)`` map
     into ``(B, out_channels, 2R, 2R)``, ending with a ReLU.
@@ -58,26 +63,33 @@ def upsample_layers(mode: str, in_channels: int, out_channels: int, norm: str = 
     Args:
         mode (str): "deconv" (2x2 stride-2 transposed conv, as Detectron2; no norm, like it)
             or "bilinear" / "nearest" (interpolation, then a 3x3 conv with ``norm``).
+        init (bool): MSRA-initialise the conv now (False: the caller does it).
     """
     if mode == "deconv":
         deconv = ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2, padding=0)
-        weight_init.c2_msra_fill(deconv)
+        if init:
+            weight_init.c2_msra_fill(deconv)
         return [("deconv", deconv), ("deconv_relu", nn.ReLU())]
     if mode in ("bilinear", "nearest"):
         align = False if mode == "bilinear" else None
         return [
             ("upsample", nn.Upsample(scale_factor=2.0, mode=mode, align_corners=align)),
-            ("upsample_conv", conv_norm_relu(in_channels, out_channels, norm)),
+            ("upsample_conv", conv_norm_relu(in_channels, out_channels, norm, init)),
         ]
     raise ValueError(f"upsample mode must be one of {UPSAMPLE_MODES}, got {mode!r}")
 
 
-def mask_predictor(in_channels: int, num_classes: int) -> Conv2d:
+def mask_predictor(in_channels: int, num_classes: int, init: bool = True) -> Conv2d:
     """1x1 conv to per-class logits; tiny init so early training starts near p=0.5 everywhere."""
     predictor = Conv2d(in_channels, num_classes, kernel_size=1, stride=1, padding=0)
+    if init:
+        init_predictor_(predictor)
+    return predictor
+
+
+def init_predictor_(predictor: nn.Module) -> None:
     nn.init.normal_(predictor.weight, std=0.001)
     nn.init.constant_(predictor.bias, 0)
-    return predictor
 
 
 def check_mask_head_cfg(cfg) -> None:
@@ -176,12 +188,23 @@ class ConvUpsampleMaskHead(BaseMaskRCNNHead, nn.Sequential):
         self.loss_weight = loss_weight
         self.upsample_mode = upsample_mode
         channels = input_shape.channels
+        # Create every layer first and initialise afterwards, in Detectron2's order: with the
+        # same torch seed this head starts from exactly the weights Detectron2's head gets.
+        convs = []
         for k, dim in enumerate(conv_dims[:-1]):
-            self.add_module(f"mask_fcn{k + 1}", conv_norm_relu(channels, dim, conv_norm))
+            conv = conv_norm_relu(channels, dim, conv_norm, init=False)
+            self.add_module(f"mask_fcn{k + 1}", conv)
+            convs.append(conv)
             channels = dim
-        for name, module in upsample_layers(upsample_mode, channels, conv_dims[-1], conv_norm):
+        upsample = upsample_layers(upsample_mode, channels, conv_dims[-1], conv_norm, init=False)
+        for name, module in upsample:
             self.add_module(name, module)
-        self.predictor = mask_predictor(conv_dims[-1], num_classes)
+            if name in ("deconv", "upsample_conv"):
+                convs.append(module)
+        self.predictor = mask_predictor(conv_dims[-1], num_classes, init=False)
+        for conv in convs:
+            weight_init.c2_msra_fill(conv)
+        init_predictor_(self.predictor)
 
     @classmethod
     def from_config(cls, cfg, input_shape):

@@ -40,6 +40,17 @@ def test_state_dict_keys_match_detectron2_both_ways(norm, num_conv):
     theirs.load_state_dict(randomize_(ours, seed=5).state_dict(), strict=True)
 
 
+@pytest.mark.parametrize("norm", ["", "GN"])
+def test_same_seed_gives_detectron2s_initial_weights(norm):
+    kw = dict(num_conv=3, conv_dim=32, NORM=norm)
+    torch.manual_seed(7)
+    theirs = build_mask_head(mask_cfg("MaskRCNNConvUpsampleHead", **kw), IN_SHAPE)
+    torch.manual_seed(7)
+    ours = build_mask_head(mask_cfg("ConvUpsampleMaskHead", **kw), IN_SHAPE)
+    for (k, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
 @pytest.mark.parametrize("cls_agnostic", [False, True])
 def test_logits_loss_and_gradients_match(cls_agnostic):
     theirs, ours = _pair(cls_agnostic)
