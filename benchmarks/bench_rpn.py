@@ -120,21 +120,28 @@ def main():
                         plugin.predict_proposals(anchors, logits, deltas, sizes),
                         builtin.predict_proposals(anchors, logits, deltas, sizes),
                     )
-                result = compare(run_a, run_b, warmup=args.warmup, repeats=args.repeats, device=dev)
-            name = f"proposal selection, {phase} (pre {pre}/level, post {post}/image), batch {num_images}"
+                result = compare(
+                    run_a, run_b, warmup=args.warmup, repeats=args.repeats, device=dev
+                )
+            name = (
+                f"proposal selection, {phase} (pre {pre}/level, post {post}/image), "
+                f"batch {num_images}"
+            )
             rows.append({"name": name, "unit": "s", "result": result})
             print(name, f"ratio {result['ratio']:.3f}", flush=True)
             if num_images == 2 and not training:
                 mem = compare_memory(run_a, run_b, device=dev)
-                rows.append({"name": f"peak memory, proposal selection, {phase}, batch 2", "unit": "MiB", "result": mem})
+                name = f"peak memory, proposal selection, {phase}, batch 2"
+                rows.append({"name": name, "unit": "MiB", "result": mem})
 
     # Whole proposal generator (head + anchors + decode + selection), inference.
     plugin, builtin = build_pair(64, dev, (2000, 1000), (1000, 1000))
     num_images, hw = 2, (512, 672)
     g = torch.Generator().manual_seed(1)
+    grid = [(-(-hw[0] // 2 ** (i + 2)), -(-hw[1] // 2 ** (i + 2))) for i in range(len(LEVELS))]
     features = {
-        f: torch.randn(num_images, 64, -(-hw[0] // 2 ** (i + 2)), -(-hw[1] // 2 ** (i + 2)), generator=g).to(dev)
-        for i, f in enumerate(LEVELS)
+        f: torch.randn(num_images, 64, gh, gw, generator=g).to(dev)
+        for f, (gh, gw) in zip(LEVELS, grid)
     }
     images = ImageList(torch.zeros(num_images, 3, *hw, device=dev), [hw] * num_images)
     with torch.no_grad():

@@ -95,7 +95,9 @@ class PerLevelRPNHead(nn.Module):
         channels = _as_per_level(in_channels, max(num_levels, 1), "in_channels")
         anchors = _as_per_level(num_anchors, max(num_levels, 1), "num_anchors")
         if shared and len(set(channels)) != 1:
-            raise ValueError(f"a shared RPN head needs equal channels on all levels, got {channels}")
+            raise ValueError(
+                f"a shared RPN head needs equal channels on all levels, got {channels}"
+            )
 
         # None attributes are compile-time constants for TorchScript, so forward() only
         # compiles the branch that this layout uses.
@@ -220,7 +222,9 @@ class PerLevelRPNHead(nn.Module):
             "num_levels": num_levels,
         }
 
-    def forward(self, features: List[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    def forward(
+        self, features: List[torch.Tensor]
+    ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """
         Args:
             features (list[Tensor]): L feature maps, level i of shape (N, Ci, Hi, Wi).

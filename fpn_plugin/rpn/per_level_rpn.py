@@ -28,7 +28,9 @@ TopK = Union[int, Sequence[int]]
 def _per_level_arg(value: TopK, num_levels: int, name: str) -> List[int]:
     values = [value] * num_levels if isinstance(value, int) else list(value)
     if len(values) != num_levels or any(not isinstance(v, int) or v <= 0 for v in values):
-        raise ValueError(f"{name} must be a positive int or {num_levels} positive ints, got {value}")
+        raise ValueError(
+            f"{name} must be a positive int or {num_levels} positive ints, got {value}"
+        )
     return values
 
 
@@ -79,7 +81,8 @@ class PerLevelRPN(RPN):
         num_levels = len(in_features)
         if post_nms_topk_mode not in POST_NMS_TOPK_MODES:
             raise ValueError(
-                f"post_nms_topk_mode must be one of {POST_NMS_TOPK_MODES}, got {post_nms_topk_mode!r}"
+                f"post_nms_topk_mode must be one of {POST_NMS_TOPK_MODES}, "
+                f"got {post_nms_topk_mode!r}"
             )
         if self.anchor_generator.box_dim != 4:
             raise ValueError("PerLevelRPN handles axis-aligned boxes only (use RRPN for rotated)")
@@ -91,7 +94,8 @@ class PerLevelRPN(RPN):
         post_levels = num_levels if self.post_nms_topk_per_level else 1
         if not self.post_nms_topk_per_level and not all(isinstance(k, int) for k in post_nms_topk):
             raise ValueError(
-                f"per-level post_nms_topk lists need post_nms_topk_mode='per_level', got {post_nms_topk}"
+                "per-level post_nms_topk lists need post_nms_topk_mode='per_level', "
+                f"got {post_nms_topk}"
             )
         self.post_nms_topk: Dict[bool, List[int]] = {
             True: _per_level_arg(post_nms_topk[0], post_levels, "post_nms_topk[0] (train)"),
@@ -133,8 +137,10 @@ class PerLevelRPN(RPN):
         )
         post_nms_topk = []
         for s in ("TRAIN", "TEST"):
-            scalar_key, list_key = f"MODEL.RPN.POST_NMS_TOPK_{s}", f"MODEL.RPN.POST_NMS_TOPK_{s}_PER_LEVEL"
-            scalar, per_level = rpn.get(f"POST_NMS_TOPK_{s}"), rpn.get(f"POST_NMS_TOPK_{s}_PER_LEVEL")
+            scalar_key = f"MODEL.RPN.POST_NMS_TOPK_{s}"
+            list_key = f"{scalar_key}_PER_LEVEL"
+            scalar = rpn.get(f"POST_NMS_TOPK_{s}")
+            per_level = rpn.get(f"POST_NMS_TOPK_{s}_PER_LEVEL")
             if mode == "per_level":
                 post_nms_topk.append(
                     per_level_values(scalar, per_level, num_levels, list_key, scalar_key)

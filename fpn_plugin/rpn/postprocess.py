@@ -142,7 +142,9 @@ def find_top_proposals_per_level(
     # Validity is judged on the unclipped boxes: clipping would turn inf into a border.
     valid = torch.isfinite(boxes.reshape(-1, 4)).all(dim=1) & torch.isfinite(flat_scores)
     if training and not bool(valid.all()):
-        raise FloatingPointError("Predicted boxes or scores contain Inf/NaN. Training has diverged.")
+        raise FloatingPointError(
+            "Predicted boxes or scores contain Inf/NaN. Training has diverged."
+        )
     widths = flat_boxes[:, 2] - flat_boxes[:, 0]
     heights = flat_boxes[:, 3] - flat_boxes[:, 1]
     candidates = torch.nonzero(

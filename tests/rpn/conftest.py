@@ -31,9 +31,10 @@ def _fpn_shapes(channels=8):
 def _fpn_features(image_hw, num_images=2, channels=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     h, w = image_hw
+    shapes = [(-(-h // 2 ** (i + 2)), -(-w // 2 ** (i + 2))) for i in range(len(FPN_LEVELS))]
     return {
-        f: torch.randn(num_images, channels, -(-h // 2 ** (i + 2)), -(-w // 2 ** (i + 2)), generator=g)
-        for i, f in enumerate(FPN_LEVELS)
+        f: torch.randn(num_images, channels, fh, fw, generator=g)
+        for f, (fh, fw) in zip(FPN_LEVELS, shapes)
     }
 
 

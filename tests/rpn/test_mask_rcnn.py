@@ -65,7 +65,8 @@ def _batch(num_images=2, size=128, seed=0):
             w, h = (torch.rand(2, generator=g) * size * 0.3 + 12).long().tolist()
             x1, y1 = min(x0 + w, size), min(y0 + h, size)
             cls = k % 2
-            image[:, y0:y1, x0:x1] = torch.tensor([200.0, 60.0, 60.0] if cls else [60.0, 200.0, 90.0])[:, None, None]
+            color = [200.0, 60.0, 60.0] if cls else [60.0, 200.0, 90.0]
+            image[:, y0:y1, x0:x1] = torch.tensor(color)[:, None, None]
             mask = torch.zeros(size, size, dtype=torch.bool)
             mask[y0:y1, x0:x1] = True
             boxes.append([x0, y0, x1, y1])
@@ -110,7 +111,9 @@ VARIANTS = {
     },
     "unshared_gn_per_level_topk": {
         "MODEL.RPN.SHARED_HEAD": False,
-        "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS": [[1.0], [0.5, 1.0, 2.0], [0.5, 1.0, 2.0], [0.5, 1.0, 2.0], [0.25, 0.5, 1.0, 2.0, 4.0]],
+        "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS": [[1.0]]
+        + [[0.5, 1.0, 2.0]] * 3
+        + [[0.25, 0.5, 1.0, 2.0, 4.0]],
         "MODEL.RPN.HEAD_NORM": "GN",
         "MODEL.RPN.CONV_DIMS": [-1, -1],
         "MODEL.RPN.POST_NMS_TOPK_MODE": "per_level",
@@ -146,6 +149,7 @@ def test_trains_with_finite_decreasing_losses_and_per_level_metrics(variant):
     assert rpn_cls[-1] < rpn_cls[0], rpn_cls
 
     for f in LEVELS:
-        for stat in ("num_pos_anchors", "num_neg_anchors", "num_proposals_after_nms", "num_proposals"):
+        for stat in ("num_pos_anchors", "num_neg_anchors", "num_proposals_after_nms",
+                     "num_proposals"):
             assert len(storage.history(f"rpn/{stat}_{f}").values()) == num_iters
     assert sum(storage.history(f"rpn/num_proposals_{f}").latest() for f in LEVELS) > 0

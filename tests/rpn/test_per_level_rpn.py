@@ -74,7 +74,9 @@ def test_ported_detectron2_rpn_case():
         images = ImageList(images_tensor, image_sizes)
         features = {"res4": torch.rand(num_images, 1024, 1, 2)}
         gt_instances = Instances((15, 15))
-        gt_instances.gt_boxes = Boxes(torch.tensor([[1, 1, 3, 3], [2, 2, 6, 6]], dtype=torch.float32))
+        gt_instances.gt_boxes = Boxes(
+            torch.tensor([[1, 1, 3, 3], [2, 2, 6, 6]], dtype=torch.float32)
+        )
         with EventStorage():
             results[name] = proposal_generator(images, features, [gt_instances[0], gt_instances[1]])
     (props, losses), (ref_props, ref_losses) = results["plugin"], results["builtin"]
@@ -85,9 +87,8 @@ def test_ported_detectron2_rpn_case():
     # Upstream's expected values.
     assert torch.allclose(losses["loss_rpn_cls"], torch.tensor(0.08011703193))
     assert torch.allclose(losses["loss_rpn_loc"], torch.tensor(0.101470276))
-    assert torch.allclose(
-        props[0].proposal_boxes.tensor, torch.tensor([[0, 0, 10, 10], [7.2702, 0, 10, 10]]), atol=1e-4
-    )
+    expected_boxes = torch.tensor([[0, 0, 10, 10], [7.2702, 0, 10, 10]])
+    assert torch.allclose(props[0].proposal_boxes.tensor, expected_boxes, atol=1e-4)
     assert torch.allclose(props[0].objectness_logits, torch.tensor([0.1596, -0.0007]), atol=1e-4)
 
 
@@ -101,7 +102,9 @@ FPN_CASES = [
 
 
 @pytest.mark.parametrize("image_sizes, pre, post", FPN_CASES)
-def test_fpn_parity_training_and_inference(image_sizes, pre, post, fpn_cfg, fpn_shapes, fpn_features):
+def test_fpn_parity_training_and_inference(
+    image_sizes, pre, post, fpn_cfg, fpn_shapes, fpn_features
+):
     cfg = fpn_cfg()
     cfg.MODEL.RPN.PRE_NMS_TOPK_TRAIN, cfg.MODEL.RPN.PRE_NMS_TOPK_TEST = pre
     cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN, cfg.MODEL.RPN.POST_NMS_TOPK_TEST = post
@@ -197,23 +200,29 @@ def _build(cfg, shapes):
     return build_proposal_generator(cfg, shapes)
 
 
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
-        ({"MODEL.ANCHOR_GENERATOR.SIZES": [[32], [64], [128]]}, r"MODEL.ANCHOR_GENERATOR.SIZES.*3 per-level"),
-        ({"MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS": [[1.0], [1.0]]}, "MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS"),
-        ({"MODEL.RPN.PRE_NMS_TOPK_TRAIN_PER_LEVEL": [10, 10, 10, 10]}, r"MODEL.RPN.PRE_NMS_TOPK_TRAIN_PER_LEVEL has 4"),
-        ({"MODEL.RPN.PRE_NMS_TOPK_TEST_PER_LEVEL": [10, 10, 0, 10, 10]}, "MODEL.RPN.PRE_NMS_TOPK_TEST_PER_LEVEL"),
-        ({"MODEL.RPN.POST_NMS_TOPK_TEST_PER_LEVEL": [5] * 5}, r"POST_NMS_TOPK_TEST_PER_LEVEL.*needs MODEL.RPN.POST_NMS_TOPK_MODE"),
-        (
-            {"MODEL.RPN.POST_NMS_TOPK_MODE": "per_level", "MODEL.RPN.POST_NMS_TOPK_TRAIN_PER_LEVEL": [5] * 6},
-            r"MODEL.RPN.POST_NMS_TOPK_TRAIN_PER_LEVEL has 6",
-        ),
-        ({"MODEL.RPN.POST_NMS_TOPK_MODE": "per_batch"}, r"MODEL.RPN.POST_NMS_TOPK_MODE.*per_batch"),
-        ({"MODEL.RPN.IN_FEATURES": ["p2", "p9"]}, r"MODEL.RPN.IN_FEATURES.*p9"),
-        ({"MODEL.RPN.SHARED_HEAD": "yes"}, "MODEL.RPN.SHARED_HEAD"),
-    ],
-)
+BAD_CONFIGS = [
+    ({"MODEL.ANCHOR_GENERATOR.SIZES": [[32], [64], [128]]}, r"ANCHOR_GENERATOR.SIZES.*3 per-level"),
+    ({"MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS": [[1.0], [1.0]]}, "ANCHOR_GENERATOR.ASPECT_RATIOS"),
+    ({"MODEL.RPN.PRE_NMS_TOPK_TRAIN_PER_LEVEL": [10] * 4}, r"PRE_NMS_TOPK_TRAIN_PER_LEVEL has 4"),
+    ({"MODEL.RPN.PRE_NMS_TOPK_TEST_PER_LEVEL": [10, 10, 0, 10, 10]}, "PRE_NMS_TOPK_TEST_PER_LEVEL"),
+    (
+        {"MODEL.RPN.POST_NMS_TOPK_TEST_PER_LEVEL": [5] * 5},
+        r"POST_NMS_TOPK_TEST_PER_LEVEL.*needs MODEL.RPN.POST_NMS_TOPK_MODE",
+    ),
+    (
+        {
+            "MODEL.RPN.POST_NMS_TOPK_MODE": "per_level",
+            "MODEL.RPN.POST_NMS_TOPK_TRAIN_PER_LEVEL": [5] * 6,
+        },
+        r"MODEL.RPN.POST_NMS_TOPK_TRAIN_PER_LEVEL has 6",
+    ),
+    ({"MODEL.RPN.POST_NMS_TOPK_MODE": "per_batch"}, r"MODEL.RPN.POST_NMS_TOPK_MODE.*per_batch"),
+    ({"MODEL.RPN.IN_FEATURES": ["p2", "p9"]}, r"MODEL.RPN.IN_FEATURES.*p9"),
+    ({"MODEL.RPN.SHARED_HEAD": "yes"}, "MODEL.RPN.SHARED_HEAD"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD_CONFIGS)
 def test_bad_config_raises_value_error_naming_the_key(overrides, message, fpn_cfg, fpn_shapes):
     cfg = _use_plugin(fpn_cfg())
     for k, v in overrides.items():
@@ -279,7 +288,9 @@ def test_scripted_rpn_equals_eager(layout):
         shapes = {f"p{i}": ShapeSpec(channels=16, stride=2 ** i) for i in range(2, 7)}
         cfg.MODEL.RPN.IN_FEATURES = list(shapes)
         cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]
-        cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [[0.5, 1.0, 2.0]] * 4 + [[0.25, 0.5, 1.0, 2.0, 4.0]]
+        cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [[0.5, 1.0, 2.0]] * 4 + [
+            [0.25, 0.5, 1.0, 2.0, 4.0]
+        ]
         cfg.MODEL.RPN.SHARED_HEAD = False
         cfg.MODEL.RPN.POST_NMS_TOPK_MODE = "per_level"
         cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 40
@@ -287,8 +298,15 @@ def test_scripted_rpn_equals_eager(layout):
     _randomize(rpn, seed=0)
     images = ImageList(torch.rand(2, 3, 64, 64), [(64, 64), (50, 60)])
     g = torch.Generator().manual_seed(0)
-    features = {k: torch.rand(2, s.channels, 64 // s.stride + 1, 64 // s.stride + 1, generator=g) for k, s in shapes.items()}
-    fields = {"proposal_boxes": Boxes, "objectness_logits": torch.Tensor, "proposal_levels": torch.Tensor}
+    features = {
+        k: torch.rand(2, s.channels, 64 // s.stride + 1, 64 // s.stride + 1, generator=g)
+        for k, s in shapes.items()
+    }
+    fields = {
+        "proposal_boxes": Boxes,
+        "objectness_logits": torch.Tensor,
+        "proposal_levels": torch.Tensor,
+    }
     scripted = _scripting_with_instances()(rpn, fields)
     for p, q in zip(rpn(images, features)[0], scripted(images, features)[0]):
         assert len(p) > 0
