@@ -40,7 +40,7 @@ VARIANTS = {
     "mask_rcnn_R_50_custom_fpn_panet_1x.yaml": (LEVELS, _check_panet),
     "mask_rcnn_R_50_custom_fpn_weighted_fusion_1x.yaml": (LEVELS, _check_weighted),
     "mask_rcnn_R_50_custom_fpn_bilinear_1x.yaml": (LEVELS, _check_bilinear),
-    "mask_rcnn_R_50_custom_fpn_gn_1x.yaml": (LEVELS, _check_gn),
+    "mask_rcnn_R_50_custom_fpn_neck_gn_1x.yaml": (LEVELS, _check_gn),
     "mask_rcnn_R_50_custom_fpn_p3p7_1x.yaml": (["p3", "p4", "p5", "p6", "p7"], _check_p3p7),
 }
 
