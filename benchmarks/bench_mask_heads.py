@@ -8,7 +8,8 @@ box and mask AP on its val split with pycocotools (Detectron2's COCOEvaluator); 
 and writes it to JSON.
 
     .venv/bin/python benchmarks/bench_mask_heads.py                  # defaults: 1 seed
-    .venv/bin/python benchmarks/bench_mask_heads.py --iters 600 --seeds 0 1 2
+    .venv/bin/python benchmarks/bench_mask_heads.py --iters 2000 --num-train 400 --num-val 100
+    .venv/bin/python benchmarks/bench_mask_heads.py --timing-only --heads parity panet
 
 The backbone and RPN are fpn_plugin's (``build_resnet_custom_fpn_backbone``, ``PerLevelRPN``)
 when they are registered, Detectron2's built-ins otherwise (``--components`` forces one);
@@ -25,6 +26,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.data.samplers import TrainingSampler
+from detectron2.layers import ShapeSpec
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 from detectron2.modeling import BACKBONE_REGISTRY, PROPOSAL_GENERATOR_REGISTRY, build_model
 from detectron2.solver import build_lr_scheduler, build_optimizer
@@ -33,6 +35,7 @@ from detectron2.utils.events import EventStorage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))  # harness.py
 
 from fpn_plugin import add_fpn_plugin_config, has_compiled_ops  # noqa: E402
 
@@ -68,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--output", default=os.path.join(REPO, "output", "bench_mask_heads"))
     # One thread: on a shared 2-core machine two OpenMP threads competing with other
     # processes run several times slower than one.
+    p.add_argument("--timing-only", action="store_true",
+                   help="only time pooling + mask head forward/backward (no training)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     return p.parse_args(argv)
 
@@ -219,12 +224,66 @@ def _fmt(value, width):
     return f"{'n/a':>{width}}" if value is None else f"{value:>{width}.2f}"
 
 
+def time_heads(args, num_rois=64):
+    """
+    Time ROI pooling + mask head forward and backward (one training step's mask branch) for
+    each head vs the parity head, on a random pyramid shaped like the AP runs' (batch
+    ``--batch``, FPN width 64) with ``num_rois`` random boxes; the harness alternates A and B.
+    """
+    from detectron2.modeling.roi_heads import build_roi_heads
+    from detectron2.structures import Boxes, Instances
+
+    from harness import compare
+
+    s, n = args.image_size, args.batch
+    gen = torch.Generator().manual_seed(0)
+    features = {
+        f"p{i}": torch.randn(n, 64, s // 2**i, s // 2**i, generator=gen) for i in range(2, 7)
+    }
+    xy = torch.rand(num_rois, 2, generator=gen) * s * 0.7
+    wh = (torch.rand(num_rois, 2, generator=gen) * 0.4 + 0.09) * s
+    boxes = torch.cat([xy, (xy + wh).clamp(max=s - 1)], dim=1)
+    per_image = boxes.split([num_rois // n] * n)
+    instances = []
+    for b in per_image:
+        inst = Instances((s, s))
+        inst.pred_boxes = Boxes(b)
+        inst.pred_classes = torch.randint(4, (len(b),), generator=gen)
+        instances.append(inst)
+
+    def mask_branch(head_name):
+        cfg, _ = build_cfg(args, head_name, 0, "unused_train", "unused_val")
+        shapes = {f: ShapeSpec(channels=64, stride=2 ** int(f[1])) for f in features}
+        roi_heads = build_roi_heads(cfg, shapes).eval()
+
+        def step():
+            # Inference-mode module (pred_boxes) but with autograd on: forward + backward.
+            out = roi_heads._forward_mask(features, [i[:] for i in instances])
+            sum(o.pred_masks.sum() for o in out).backward()
+
+        return step
+
+    rows = []
+    baseline = mask_branch("parity")
+    for head in args.heads:
+        if head == "parity":
+            continue
+        result = compare(mask_branch(head), baseline, warmup=3, repeats=15)
+        rows.append((head, result))
+        print(f"{head} vs parity, {num_rois} ROIs, pooling + head fwd+bwd: "
+              f"{result['a'].median * 1e3:.1f} ms vs {result['b'].median * 1e3:.1f} ms "
+              f"(x{result['ratio']:.2f}; IQR {result['a'].spread:.0%} / {result['b'].spread:.0%})")
+    return rows
+
+
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("detectron2").setLevel(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.timing_only:
+        return time_heads(args)
     os.makedirs(args.output, exist_ok=True)
     train_name, val_name = register_dataset(args)
 
