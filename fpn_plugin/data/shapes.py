@@ -35,15 +35,15 @@ logger = logging.getLogger(__name__)
 
 SHAPE_CLASSES = ("circle", "rectangle", "triangle", "star")
 # Bumped whenever generation changes, so stale datasets on disk are rebuilt.
-_GENERATOR_VERSION = 1
+_GENERATOR_VERSION = 2
 _SPLIT_IDS = {"train": 0, "val": 1}
 
 # Object size (the side of its bounding square before rotation), as a fraction of the image
-# side. 0.09-0.5 spans 5.5x: at 256 px, 23-128 px objects, i.e. strides 4 to 32 all matter.
-_MIN_SIZE_FRAC = 0.09
+# side. 0.1-0.5 spans 5x: at 256 px, 26-128 px objects, i.e. strides 4 to 32 all matter.
+_MIN_SIZE_FRAC = 0.1
 _MAX_SIZE_FRAC = 0.5
 # An object must keep this fraction of its area visible, or the scene is re-drawn without it.
-_MIN_VISIBLE_FRAC = 0.3
+_MIN_VISIBLE_FRAC = 0.5
 # Visible fragments smaller than this (pixels) are not annotated (nor are they meaningful).
 _MIN_FRAGMENT_AREA = 12
 
@@ -88,6 +88,14 @@ def _fill(mask_shape, outline: np.ndarray) -> np.ndarray:
     return mask.astype(bool)
 
 
+def _has_hole(mask: np.ndarray) -> bool:
+    """Whether filling the outer contours of ``mask`` adds pixels (it encloses background)."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    filled = np.zeros(mask.shape, np.uint8)
+    cv2.drawContours(filled, contours, -1, 1, thickness=cv2.FILLED)
+    return int(filled.sum()) > int(mask.sum())
+
+
 def _random_color(rng) -> np.ndarray:
     hsv = np.uint8([[[rng.integers(0, 180), rng.integers(60, 256), rng.integers(60, 256)]]])
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].astype(np.float32)
@@ -96,7 +104,9 @@ def _random_color(rng) -> np.ndarray:
 def _background(size: int, rng) -> np.ndarray:
     """A (H, W, 3) float image: gradient, stripes or blotches, plus noise."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    c0, c1 = _random_color(rng), _random_color(rng)
+    c0 = _random_color(rng)
+    # The texture's second colour stays near the first: objects, not stripes, should stand out.
+    c1 = np.clip(c0 + rng.uniform(-60, 60, 3), 0, 255).astype(np.float32)
     style = rng.integers(0, 3)
     if style == 0:  # linear gradient between two colours
         a = rng.uniform(0, 2 * math.pi)
@@ -110,7 +120,7 @@ def _background(size: int, rng) -> np.ndarray:
         coarse = rng.uniform(0, 1, (6, 6)).astype(np.float32)
         t = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC).clip(0, 1)
     img = c0 * (1 - t[..., None]) + c1 * t[..., None]
-    img += rng.normal(0, rng.uniform(4, 14), (size, size, 3))
+    img += rng.normal(0, rng.uniform(3, 10), (size, size, 3))
     return img
 
 
@@ -148,14 +158,15 @@ def generate_shapes_image(size: int, rng, classes: Sequence[str] = SHAPE_CLASSES
             ok = full.sum() > 0
             for _, prev_full, _, prev_vis in objects:
                 vis = prev_vis & ~full
-                if vis.sum() < _MIN_VISIBLE_FRAC * prev_full.sum():
+                # COCO polygons cannot express holes: an object may not sit inside another.
+                if vis.sum() < _MIN_VISIBLE_FRAC * prev_full.sum() or _has_hole(vis):
                     ok = False
                     break
             if not ok:
                 continue
             color = _random_color(rng)
             # Contrast with what lies beneath, otherwise the object is invisible by construction.
-            if np.abs(img[full].mean(0) - color).max() < 50:
+            if np.abs(img[full].mean(0) - color).max() < 70:
                 continue
             objects = [(c, f, col, v & ~full) for c, f, col, v in objects]
             objects.append((cls, full, color, full.copy()))
@@ -164,9 +175,9 @@ def generate_shapes_image(size: int, rng, classes: Sequence[str] = SHAPE_CLASSES
         # Per-object shading: a mild linear ramp, so colour alone is not a perfect cue.
         yy, xx = np.nonzero(full)
         ramp = ((xx - xx.mean()) * rng.uniform(-1, 1) + (yy - yy.mean()) * rng.uniform(-1, 1))
-        ramp = ramp / max(np.abs(ramp).max(), 1.0) * rng.uniform(0, 30)
+        ramp = ramp / max(np.abs(ramp).max(), 1.0) * rng.uniform(0, 20)
         img[yy, xx] = color + ramp[:, None]
-    img += rng.normal(0, rng.uniform(3, 10), img.shape)  # sensor noise over everything
+    img += rng.normal(0, rng.uniform(2, 6), img.shape)  # sensor noise over everything
     image = np.clip(img, 0, 255).astype(np.uint8)
     instances = [{"category": c, "mask": v} for c, _, _, v in objects]
     return image, instances

@@ -7,6 +7,7 @@ Differences from ``DefaultTrainer``:
   ``DATALOADER.INVALID_RECORDS``); skipped records are listed in
   ``<OUTPUT_DIR>/invalid_records.json`` and counted as ``data/invalid_records_skipped`` in the
   metrics (metrics.json, TensorBoard).
+- ``SOLVER.OPTIMIZER`` picks Detectron2's SGD or AdamW (same parameter groups and clipping).
 - ``build_evaluator`` returns COCO evaluation that works without Detectron2's compiled ops.
 - ``SOLVER.AMP.ENABLED`` is checked at build time: Detectron2's ``AMPTrainer`` (fp16 autocast
   and GradScaler) needs CUDA, so on another device the trainer refuses with a ``ValueError``
@@ -25,12 +26,16 @@ from typing import List, Optional
 import torch
 from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, HookBase
+from detectron2.solver import build_optimizer
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 
 from ..data.build import check_invalid_record_policy, get_validated_dataset_dicts, write_invalid_records
+from .config import OPTIMIZERS
 from .plotting import plot_training_curve
 
-__all__ = ["Trainer", "check_amp_config", "build_evaluator_for"]
+__all__ = ["Trainer", "check_amp_config", "check_optimizer_config", "build_evaluator_for",
+           "build_optimizer_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +70,33 @@ def build_evaluator_for(cfg, dataset_name: str, output_folder: Optional[str] = N
         return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder,
                              use_fast_impl=has_compiled_ops())
     return build_coco_evaluator(dataset_name, output_folder, tasks=tasks)
+
+
+def check_optimizer_config(cfg) -> str:
+    """Return ``SOLVER.OPTIMIZER`` if known, else raise a ``ValueError`` naming the key."""
+    name = cfg.SOLVER.get("OPTIMIZER", "SGD")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"SOLVER.OPTIMIZER must be one of {OPTIMIZERS}, got {name!r}")
+    return name
+
+
+def build_optimizer_for(cfg, model) -> torch.optim.Optimizer:
+    """
+    The optimizer named by ``SOLVER.OPTIMIZER``: Detectron2's SGD, or AdamW with the same
+    parameter groups (per-parameter weight decay / LR factors) and gradient clipping.
+    """
+    if check_optimizer_config(cfg) == "SGD":
+        return build_optimizer(cfg, model)
+    params = get_default_optimizer_params(
+        model,
+        base_lr=cfg.SOLVER.BASE_LR,
+        weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+        weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+        bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+        weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+    )
+    return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(
+        params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
 
 
 class _InvalidRecordsMetric(HookBase):
@@ -109,6 +141,7 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         check_amp_config(cfg)
         check_invalid_record_policy(cfg.DATALOADER.INVALID_RECORDS)
+        check_optimizer_config(cfg)
         # Inference sets are read only at evaluation, possibly hours from now: check their
         # images first, so a bad file stops the run now (policy "error") or is skipped later.
         for name in cfg.DATASETS.TEST:
@@ -170,6 +203,11 @@ class Trainer(DefaultTrainer):
         )
         return build_detection_test_loader(dataset=records, mapper=DatasetMapper(cfg, False),
                                            num_workers=cfg.DATALOADER.NUM_WORKERS)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """Detectron2's SGD or AdamW, by ``SOLVER.OPTIMIZER``."""
+        return build_optimizer_for(cfg, model)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

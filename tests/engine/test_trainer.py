@@ -21,7 +21,7 @@ TINY_OPTS = [
     "MODEL.ROI_MASK_HEAD.CONV_DIM", "32", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
     "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "50",
     "MODEL.RPN.PRE_NMS_TOPK_TEST", "100", "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.005", "SOLVER.WARMUP_ITERS", "5",
+    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.001", "SOLVER.WARMUP_ITERS", "5",
     "SOLVER.STEPS", "()",
     "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0",
 ]
@@ -125,3 +125,23 @@ def test_read_metrics_keeps_the_resumed_history(tmp_path):
     out = plot_training_curve(str(path), str(tmp_path / "curve.png"))
     with open(out, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_optimizer_choice(tmp_path):
+    import torch
+    from detectron2.modeling import build_model
+
+    from fpn_plugin.engine.trainer import build_optimizer_for
+
+    cfg = tiny_cfg(tmp_path, [])
+    model = build_model(cfg)
+    assert cfg.SOLVER.OPTIMIZER == "ADAMW"  # the demo's choice
+    opt = build_optimizer_for(cfg, model)
+    assert isinstance(opt, torch.optim.AdamW)
+    # Detectron2's parameter groups: norm layers get SOLVER.WEIGHT_DECAY_NORM (0).
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.0, cfg.SOLVER.WEIGHT_DECAY}
+    cfg.SOLVER.OPTIMIZER = "SGD"
+    assert isinstance(build_optimizer_for(cfg, model), torch.optim.SGD)
+    cfg.SOLVER.OPTIMIZER = "LAMB"
+    with pytest.raises(ValueError, match="SOLVER.OPTIMIZER .*'LAMB'"):
+        build_optimizer_for(cfg, model)
