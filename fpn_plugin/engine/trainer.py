@@ -15,6 +15,9 @@ Differences from ``DefaultTrainer``:
 - A training-curve picture (``training_curve.png``: losses and AP over iterations) is written
   to ``OUTPUT_DIR`` after training.
 
+- Checkpoints hold the optimizer state on Detectron2 v0.6 too (main already saves it), so
+  ``--resume`` continues with the same momentum / Adam moments.
+
 Everything else (checkpointing every ``SOLVER.CHECKPOINT_PERIOD``, ``--resume`` from
 ``last_checkpoint``, metrics.json / TensorBoard writers, ``TEST.EVAL_PERIOD`` evaluation,
 multi-GPU through ``detectron2.engine.launch``) is Detectron2's own.
@@ -154,6 +157,22 @@ class Trainer(DefaultTrainer):
             write_invalid_records(self.invalid_records, path)
             logger.warning(f"{len(self.invalid_records)} problem(s) in the training data; "
                            f"the records were skipped and are listed in {path}")
+
+    # Detectron2 main checkpoints the inner trainer (optimizer state, AMP grad scaler) under
+    # "_trainer"; v0.6 saves only the iteration and hook state, so a resumed run would restart
+    # momentum / Adam moments from zero. Do what main does where the base class does not.
+    _BASE_SAVES_TRAINER = "state_dict" in DefaultTrainer.__dict__
+
+    def state_dict(self):
+        ret = super().state_dict()
+        if not self._BASE_SAVES_TRAINER:
+            ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if not self._BASE_SAVES_TRAINER and "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
 
     @classmethod
     def _skipped_record_count(cls, invalid) -> int:

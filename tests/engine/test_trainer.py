@@ -145,3 +145,25 @@ def test_optimizer_choice(tmp_path):
     cfg.SOLVER.OPTIMIZER = "LAMB"
     with pytest.raises(ValueError, match="SOLVER.OPTIMIZER .*'LAMB'"):
         build_optimizer_for(cfg, model)
+
+
+def test_checkpoint_holds_optimizer_state_and_resume_restores_it(tmp_path, datasets):
+    import torch
+
+    cfg = tiny_cfg(tmp_path, [datasets["train"]], max_iter=3)
+    cfg.SOLVER.CHECKPOINT_PERIOD = 3
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    saved = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=False)
+    assert saved["iteration"] == 2
+    moments = saved["trainer"]["_trainer"]["optimizer"]["state"]
+    assert moments and all("exp_avg" in v for v in moments.values())  # AdamW moments kept
+
+    cfg.SOLVER.MAX_ITER = 4
+    resumed = Trainer(cfg)
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 3
+    state = resumed.optimizer.state_dict()["state"]
+    key = next(iter(moments))
+    assert torch.equal(state[key]["exp_avg"], moments[key]["exp_avg"])
