@@ -78,7 +78,7 @@ class Stages:
     def end(self):
         if self._current:
             name, t0 = self._current
-            self.durations[name] = time.perf_counter() - t0
+            self.durations[name.split(":")[0]] = time.perf_counter() - t0
             self._current = None
 
     def elapsed(self):
@@ -168,7 +168,7 @@ def main(argv=None):
     }
     with open(os.path.join(cfg.OUTPUT_DIR, "demo_summary.json"), "w") as f:
         json.dump(summary, f, indent=1, default=str)
-    timings = ", ".join(f"{k.split(':')[0]} {v:.0f} s" for k, v in stages.durations.items())
+    timings = ", ".join(f"{k} {v:.0f} s" for k, v in stages.durations.items())
     status = "reached" if mask_ap >= MASK_AP_TARGET else "MISSED"
     lines = [
         "",
