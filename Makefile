@@ -4,6 +4,7 @@
 PYTHON ?= python3
 VENV_PY := .venv/bin/python
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: setup test demo clean-env
 
@@ -12,6 +13,11 @@ setup:
 
 test: setup
 	$(VENV_PY) -m pytest tests $(PYTEST_ARGS)
+
+# The CPU demo: generates the embedded shapes dataset, trains, evaluates, exports masks and
+# writes overlays + the training curve under output/demo (see docs/training.md).
+demo: setup
+	$(VENV_PY) projects/fpn_mask_rcnn/demo.py $(DEMO_ARGS)
 
 # Removes this checkout's .venv and the cached base environment it uses.
 clean-env:

@@ -1,5 +1,6 @@
 """``add_fpn_plugin_config``: the plugin's config keys, added to a config the caller owns."""
 from .data.config import add_data_config
+from .engine.config import add_engine_config
 from .inference.config import add_inference_config
 from .mask_head.config import add_mask_head_config
 from .neck.config import add_neck_config
@@ -8,7 +9,7 @@ from .rpn.config import add_rpn_config
 __all__ = ["add_fpn_plugin_config"]
 
 _COMPONENT_ADDERS = [add_neck_config, add_rpn_config, add_mask_head_config, add_data_config,
-                     add_inference_config]
+                     add_engine_config, add_inference_config]
 
 
 def add_fpn_plugin_config(cfg):

@@ -27,12 +27,6 @@ def add_data_config(cfg):
     ``ROOT`` ("datasets/generated/shapes"), ``NUM_TRAIN`` (400), ``NUM_VAL`` (100),
     ``IMAGE_SIZE`` (256), ``SEED`` (0); see ``fpn_plugin.data.shapes.ensure_shapes_dataset``.
     """
-    # Bridge until fpn_plugin/config.py lists add_engine_config among its adders: the demo
-    # config needs SOLVER.OPTIMIZER wherever add_fpn_plugin_config is used. Imported here, not
-    # at module level, because fpn_plugin.engine imports fpn_plugin.data.
-    from ..engine.config import add_engine_config
-
-    add_engine_config(cfg)
     cfg.DATALOADER.INVALID_RECORDS = "skip"
     cfg.DATALOADER.CHECK_IMAGES = True
     # The embedded shapes dataset (fpn_plugin.data.shapes), used when DATASETS.TRAIN/TEST name
