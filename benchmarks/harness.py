@@ -12,7 +12,7 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -150,13 +150,15 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def format_rows(rows: List[Dict[str, object]]) -> str:
+def format_rows(rows: List[Dict[str, object]],
+                labels: Tuple[str, str] = ("plugin", "Detectron2")) -> str:
     """
     Markdown table of benchmark rows. Each row: name, unit ("s" or "MiB"), and the
-    ``compare``/``compare_memory`` result under "result".
+    ``compare``/``compare_memory`` result under "result". ``labels`` name A and B.
     """
+    a_name, b_name = labels
     lines = [
-        "| benchmark | plugin (median) | Detectron2 (median) | ratio plugin/D2 | spread (IQR/median) |",
+        f"| benchmark | {a_name} (median) | {b_name} (median) | ratio A/B | spread (IQR/median) |",
         "|---|---|---|---|---|",
     ]
     for row in rows:
@@ -176,8 +178,12 @@ def format_rows(rows: List[Dict[str, object]]) -> str:
 
 
 def save(name: str, rows: List[Dict[str, object]], command: str,
-         extra: Optional[Dict[str, object]] = None) -> str:
-    """Write rows as JSON and markdown to benchmarks/results/<name>.{json,md}; return the md."""
+         extra: Optional[Dict[str, object]] = None,
+         labels: Tuple[str, str] = ("plugin", "Detectron2"), notes: str = "") -> str:
+    """
+    Write rows as JSON and markdown to benchmarks/results/<name>.{json,md}; return the md.
+    ``labels`` name A and B in the table; ``notes`` (markdown) follows it.
+    """
     os.makedirs(RESULTS_DIR, exist_ok=True)
     env = environment()
     header = (
@@ -185,7 +191,7 @@ def save(name: str, rows: List[Dict[str, object]], command: str,
         + "Machine: " + ", ".join(f"{k} {v}" for k, v in env.items()) + "  \n"
         + f"Date: {time.strftime('%Y-%m-%d')}\n\n"
     )
-    markdown = header + format_rows(rows) + "\n"
+    markdown = header + format_rows(rows, labels) + "\n" + (f"\n{notes}\n" if notes else "")
 
     def plain(obj):
         return asdict(obj) if isinstance(obj, Timing) else obj
@@ -193,6 +199,7 @@ def save(name: str, rows: List[Dict[str, object]], command: str,
     payload = {
         "command": command,
         "environment": env,
+        "labels": list(labels),
         "rows": [{**r, "result": {k: plain(v) for k, v in r["result"].items()}} for r in rows],
         **(extra or {}),
     }

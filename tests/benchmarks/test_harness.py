@@ -1,0 +1,79 @@
+"""The benchmark harness measures what it claims (peak memory, ABBA timing, result files)."""
+import importlib.util
+import json
+import os
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def harness():
+    spec = importlib.util.spec_from_file_location(
+        "bench_harness", os.path.join(ROOT, "benchmarks", "harness.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+MIB = 2 ** 20
+
+
+def test_peak_memory_counts_live_tensors_not_freed_ones(harness):
+    def sequential():  # 8 MiB, freed, then 4 MiB: peak 8 MiB
+        a = torch.ones(8 * MIB, dtype=torch.uint8)
+        del a
+        b = torch.ones(4 * MIB, dtype=torch.uint8)
+        return b.sum()
+
+    def overlapping():  # 8 MiB and 4 MiB alive together: peak 12 MiB
+        a = torch.ones(8 * MIB, dtype=torch.uint8)
+        b = torch.ones(4 * MIB, dtype=torch.uint8)
+        return a.sum() + b.sum()
+
+    seq, ovl = harness.peak_memory(sequential), harness.peak_memory(overlapping)
+    # Exact up to the few bytes of the scalar results.
+    assert 8 * MIB <= seq < 8 * MIB + 4096
+    assert 12 * MIB <= ovl < 12 * MIB + 4096
+    result = harness.compare_memory(sequential, overlapping)
+    assert result["ratio"] == pytest.approx(8 / 12, rel=1e-3)
+
+
+def test_compare_times_both_sides_in_abba_order(harness):
+    calls = []
+
+    def a():
+        calls.append("a")
+        time.sleep(0.004)
+
+    def b():
+        calls.append("b")
+        time.sleep(0.002)
+
+    result = harness.compare(a, b, warmup=1, repeats=4)
+    assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert result["a"].samples == result["b"].samples == 4
+    assert result["a"].median > result["b"].median
+    assert result["ratio"] == pytest.approx(result["a"].median / result["b"].median)
+    assert result["ratio"] > 1.2
+
+
+def test_save_writes_markdown_and_json_with_labels(harness, tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "RESULTS_DIR", str(tmp_path))
+    timing = {"a": harness.Timing.of([1.0, 2.0, 3.0]), "b": harness.Timing.of([2.0, 4.0, 6.0]),
+              "ratio": 0.5}
+    rows = [{"name": "x time", "unit": "s", "result": timing},
+            {"name": "x peak memory", "unit": "MiB", "result": {"a": MIB, "b": 2 * MIB, "ratio": 0.5}}]
+    md = harness.save("unit", rows, "cmd --flag", labels=("fast", "slow"), notes="note line")
+    assert "| fast (median) | slow (median) |" in md
+    assert "| x time | 2000.0 ms | 4000.0 ms | 0.500 |" in md
+    assert "| x peak memory | 1.0 MiB | 2.0 MiB | 0.500 | exact |" in md
+    assert md.rstrip().endswith("note line")
+    payload = json.loads((tmp_path / "unit.json").read_text())
+    assert payload["command"] == "cmd --flag"
+    assert payload["labels"] == ["fast", "slow"]
+    assert payload["rows"][0]["result"]["a"]["median"] == 2.0
+    assert (tmp_path / "unit.md").read_text() == md
