@@ -17,7 +17,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
+RESULTS_DIR = DEFAULT_RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
+README = os.path.join(ROOT, "README.md")
 
 
 @dataclass
@@ -179,10 +180,13 @@ def format_rows(rows: List[Dict[str, object]],
 
 def save(name: str, rows: List[Dict[str, object]], command: str,
          extra: Optional[Dict[str, object]] = None,
-         labels: Tuple[str, str] = ("plugin", "Detectron2"), notes: str = "") -> str:
+         labels: Tuple[str, str] = ("plugin", "Detectron2"), notes: str = "",
+         update_readme: bool = True) -> str:
     """
     Write rows as JSON and markdown to benchmarks/results/<name>.{json,md}; return the md.
-    ``labels`` name A and B in the table; ``notes`` (markdown) follows it.
+    ``labels`` name A and B in the table; ``notes`` (markdown) follows it. With
+    ``update_readme``, the README's ``<!-- bench:<name> -->`` block (if it has one) is
+    replaced by the same markdown.
     """
     os.makedirs(RESULTS_DIR, exist_ok=True)
     env = environment()
@@ -207,4 +211,28 @@ def save(name: str, rows: List[Dict[str, object]], command: str,
         json.dump(payload, f, indent=2)
     with open(os.path.join(RESULTS_DIR, f"{name}.md"), "w") as f:
         f.write(markdown)
+    if update_readme and RESULTS_DIR == DEFAULT_RESULTS_DIR:
+        update_readme_block(README, name, markdown)
     return markdown
+
+
+def update_readme_block(readme: str, name: str, markdown: str) -> bool:
+    """
+    Replace the text between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` in the README
+    with ``markdown`` (so the README's tables are the scripts' own output). Returns whether the
+    README has that block; without one nothing is written.
+    """
+    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    if not os.path.isfile(readme):
+        return False
+    with open(readme) as f:
+        text = f.read()
+    i, j = text.find(begin), text.find(end)
+    if i < 0 or j < i:
+        return False
+    text = text[: i + len(begin)] + "\n" + markdown.rstrip("\n") + "\n" + text[j:]
+    tmp = readme + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, readme)
+    return True

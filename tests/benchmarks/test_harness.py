@@ -77,3 +77,15 @@ def test_save_writes_markdown_and_json_with_labels(harness, tmp_path, monkeypatc
     assert payload["labels"] == ["fast", "slow"]
     assert payload["rows"][0]["result"]["a"]["median"] == 2.0
     assert (tmp_path / "unit.md").read_text() == md
+
+
+def test_update_readme_block_replaces_only_its_own_block(harness, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench:a -->\nold a\n<!-- /bench:a -->\n"
+                      "<!-- bench:b -->\nold b\n<!-- /bench:b -->\nend\n")
+    assert harness.update_readme_block(str(readme), "a", "| new | table |\n")
+    assert readme.read_text() == ("intro\n<!-- bench:a -->\n| new | table |\n<!-- /bench:a -->\n"
+                                  "<!-- bench:b -->\nold b\n<!-- /bench:b -->\nend\n")
+    before = readme.read_text()
+    assert not harness.update_readme_block(str(readme), "missing", "x")
+    assert readme.read_text() == before
