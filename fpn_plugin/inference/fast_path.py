@@ -47,7 +47,9 @@ def _wrap(module: nn.Module, method: str, device_type: str, dtype: torch.dtype,
                 if isinstance(a, torch.Tensor) and a.dim() == 4 else a
                 for a in args
             )
-        with torch.autocast(device_type=device_type, dtype=dtype):
+        # No weight-cast cache: each weight is cast where it is used and freed right after, so
+        # the fast path never holds a second (bf16/fp16) copy of the whole model.
+        with torch.autocast(device_type=device_type, dtype=dtype, cache_enabled=False):
             out = original(*args, **kwargs)
         return _to_fp32(out)
 
