@@ -126,7 +126,7 @@ def main(argv=None):
         f"| mask AP | {ap_fp32['segm']:.2f} | {ap_fast['segm']:.2f} | "
         f"{ap_fast['segm'] - ap_fp32['segm']:+.2f} |",
     ])
-    command = "benchmarks/bench_fast_path.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python benchmarks/bench_fast_path.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(harness.save("bench_fast_path", rows, command.strip(),
                        extra={"ap": {"fp32": ap_fp32, "fast": ap_fast}, "weights": args.weights,
                               "dataset": dataset, "fast_path": fast_name},
