@@ -7,10 +7,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.modeling import build_model
+from model_testutils import tiny_mask_rcnn_cfg
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
@@ -77,39 +77,6 @@ def coco_dataset(tmp_path):
     yield name, json_path, image_dir
     DatasetCatalog.remove(name)
     MetadataCatalog.remove(name)
-
-
-def tiny_mask_rcnn_cfg(num_classes=2):
-    """Detectron2's built-in Mask R-CNN, R18-FPN, narrow heads, tiny test resolution, CPU."""
-    cfg = get_cfg()
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
-    cfg.MODEL.MASK_ON = True
-    cfg.MODEL.BACKBONE.NAME = "build_resnet_fpn_backbone"
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
-    cfg.MODEL.FPN.OUT_CHANNELS = 32
-    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[16], [32], [64], [128], [256]]
-    cfg.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
-    cfg.MODEL.RPN.PRE_NMS_TOPK_TEST = 200
-    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 50
-    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
-    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
-    cfg.MODEL.ROI_HEADS.NUM_CLASSES = num_classes
-    cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
-    cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 2
-    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 64
-    cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 7
-    cfg.MODEL.ROI_MASK_HEAD.NAME = "MaskRCNNConvUpsampleHead"
-    cfg.MODEL.ROI_MASK_HEAD.NUM_CONV = 2
-    cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = 16
-    cfg.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION = 14
-    cfg.TEST.DETECTIONS_PER_IMAGE = 20
-    cfg.INPUT.MIN_SIZE_TEST = 64
-    cfg.INPUT.MAX_SIZE_TEST = 128
-    return cfg
 
 
 @pytest.fixture

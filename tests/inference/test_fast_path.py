@@ -1,45 +1,19 @@
-"""The fast inference path: fp32 outputs, close to the fp32 model, and fully reversible."""
+"""The fast inference path on the plugin's model: fp32 outputs, close to fp32, reversible."""
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
+from model_testutils import tiny_mask_rcnn_cfg
 
-from fpn_plugin import add_fpn_plugin_config
 from fpn_plugin.inference import disable_fast_inference, enable_fast_inference, prepare_for_inference
-
-
-def tiny_mask_rcnn_cfg():
-    cfg = get_cfg()
-    add_fpn_plugin_config(cfg)
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.MASK_ON = True
-    cfg.MODEL.BACKBONE.NAME = "build_resnet_fpn_backbone"
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
-    cfg.MODEL.FPN.OUT_CHANNELS = 32
-    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[16], [32], [64], [128], [256]]
-    cfg.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
-    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
-    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
-    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
-    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
-    cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
-    cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 2
-    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 64
-    cfg.MODEL.ROI_MASK_HEAD.NAME = "MaskRCNNConvUpsampleHead"
-    cfg.MODEL.ROI_MASK_HEAD.NUM_CONV = 2
-    cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = 32
-    cfg.TEST.DETECTIONS_PER_IMAGE = 20
-    return cfg
 
 
 @pytest.fixture(scope="module")
 def model_and_inputs():
     torch.manual_seed(0)
-    cfg = tiny_mask_rcnn_cfg()
+    cfg = tiny_mask_rcnn_cfg(num_classes=3, components="plugin")
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
     model = build_model(cfg).eval()
+    assert type(model.proposal_generator).__name__ == "PerLevelRPN"  # the plugin's model
     # Zero the delta predictors so proposals are anchors and detections are non-degenerate
     # (a random init otherwise collapses boxes onto the image border).
     for layer in (model.proposal_generator.rpn_head.anchor_deltas,
