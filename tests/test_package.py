@@ -72,3 +72,35 @@ def test_register_replaces_same_name_and_refuses_foreign_objects():
 
     with pytest.raises(KeyError, match="already has 'Thing'"):
         register(reg)(Thing)
+
+
+def _leaf_keys(node, prefix=""):
+    for key, value in node.items():
+        if isinstance(value, type(node)):
+            yield from _leaf_keys(value, prefix + key + ".")
+        else:
+            yield prefix + key
+
+
+def test_readme_documents_every_plugin_config_key():
+    """Each key add_fpn_plugin_config adds has a row in README's key tables."""
+    import os
+
+    from fpn_plugin import add_fpn_plugin_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md")) as f:
+        rows = [line for line in f if line.startswith("| `")]
+    cfg = get_cfg()
+    add_fpn_plugin_config(cfg)
+    detectron2_keys = set(_leaf_keys(get_cfg()))
+    added = [k for k in _leaf_keys(cfg) if k not in detectron2_keys]
+    assert len(added) >= 20
+    undocumented = []
+    for key in added:
+        parent, leaf = key.rsplit(".", 1)
+        # A row names the key in full, or as "`PARENT.A` / `LEAF`" next to a sibling.
+        if not any(f"`{key}`" in row or (f"`{parent}." in row and f"`{leaf}`" in row)
+                   for row in rows):
+            undocumented.append(key)
+    assert not undocumented, f"README has no table row for: {undocumented}"
