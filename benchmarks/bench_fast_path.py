@@ -33,8 +33,8 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 import fpn_plugin  # noqa: E402,F401  (registers the plugin's components)
 from fpn_plugin import add_fpn_plugin_config  # noqa: E402
 from fpn_plugin.checkpoint import SafeDetectionCheckpointer  # noqa: E402
-from fpn_plugin.data.shapes import register_shapes_from_config  # noqa: E402
-from fpn_plugin.evaluation import build_coco_evaluator  # noqa: E402
+from fpn_plugin.data.shapes import register_shapes_if_named  # noqa: E402
+from fpn_plugin.evaluation import build_coco_evaluator, check_dataset_registered  # noqa: E402
 from fpn_plugin.inference import enable_fast_inference  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,15 +86,15 @@ def main(argv=None):
         sys.exit(f"bench_fast_path: --weights {args.weights} does not exist; train a model "
                  "first (`make demo` writes output/demo/model_final.pth)")
     cfg = build_cfg(args)
-    if "shapes_train" in cfg.DATASETS.TRAIN or "shapes_val" in cfg.DATASETS.TEST:
-        register_shapes_from_config(cfg)
     dataset = args.dataset or cfg.DATASETS.TEST[0]
+    register_shapes_if_named(cfg, [dataset])
+    check_dataset_registered(dataset)  # before any model is built
 
     # Two model objects with the same weights, so neither pass pays for switching layouts.
     model_fp32 = build_model(cfg).eval()
     SafeDetectionCheckpointer(model_fp32).load(args.weights)
     model_fast = build_model(cfg).eval()
-    SafeDetectionCheckpointer(model_fast).load(args.weights)
+    model_fast.load_state_dict(model_fp32.state_dict())
     enable_fast_inference(model_fast, args.precision, channels_last=args.channels_last)
 
     with torch.no_grad():

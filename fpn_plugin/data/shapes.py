@@ -28,12 +28,15 @@ __all__ = [
     "ensure_shapes_dataset",
     "register_shapes_dataset",
     "register_shapes_from_config",
+    "register_shapes_if_named",
     "generate_shapes_image",
 ]
 
 logger = logging.getLogger(__name__)
 
 SHAPE_CLASSES = ("circle", "rectangle", "triangle", "star")
+# The names configs use for the embedded dataset (register_shapes_from_config).
+SHAPES_DATASET_NAMES = ("shapes_train", "shapes_val")
 # Bumped whenever generation changes, so stale datasets on disk are rebuilt.
 _GENERATOR_VERSION = 2
 _SPLIT_IDS = {"train": 0, "val": 1}
@@ -356,3 +359,23 @@ def register_shapes_from_config(cfg) -> List[str]:
         raise ValueError(f"DATASETS.SHAPES.ROOT must be a folder path, got {s.ROOT!r}")
     return register_shapes_dataset(s.ROOT, num_train=s.NUM_TRAIN, num_val=s.NUM_VAL,
                                    image_size=s.IMAGE_SIZE, seed=s.SEED)
+
+
+def register_shapes_if_named(cfg, dataset_names: Sequence[str]) -> bool:
+    """
+    ``register_shapes_from_config`` when ``dataset_names`` include "shapes_train" or
+    "shapes_val" that are not registered yet and ``cfg`` has the plugin's ``DATASETS.SHAPES``
+    keys (the dataset is generated if missing). A name the user registered themselves is
+    left alone.
+
+    Returns:
+        bool: whether the shapes dataset was registered by this call.
+    """
+    from detectron2.data import DatasetCatalog
+
+    wanted = [n for n in dataset_names if n in SHAPES_DATASET_NAMES]
+    registered = DatasetCatalog.list()
+    if not wanted or "SHAPES" not in cfg.DATASETS or all(n in registered for n in wanted):
+        return False
+    register_shapes_from_config(cfg)
+    return True

@@ -35,21 +35,6 @@ def _log_to_stderr() -> None:
             log.addHandler(handler)
 
 
-def _register_shapes_if_named(cfg, dataset: str) -> None:
-    """The embedded demo dataset ("shapes_train"/"shapes_val") is registered from
-    cfg.DATASETS.SHAPES (generated if missing), as the plugin's training does."""
-    from detectron2.data import DatasetCatalog
-
-    if dataset not in ("shapes_train", "shapes_val") or dataset in DatasetCatalog.list() \
-            or "SHAPES" not in cfg.DATASETS:
-        return
-    from ..data.shapes import register_shapes_dataset
-
-    s = cfg.DATASETS.SHAPES
-    register_shapes_dataset(s.ROOT, num_train=s.NUM_TRAIN, num_val=s.NUM_VAL,
-                            image_size=s.IMAGE_SIZE, seed=s.SEED)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fpn_plugin.export",
@@ -116,6 +101,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     _log_to_stderr()
 
     from ..checkpoint import CheckpointError
+    from ..data.shapes import register_shapes_if_named
     from ..evaluation import build_coco_evaluator
     from .export import export_masks
 
@@ -132,7 +118,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ValueError("--eval needs --dataset (a folder of images has no annotations)")
         cfg = setup_cfg(args.config_file, args.opts, args.device)
         if args.dataset:
-            _register_shapes_if_named(cfg, args.dataset)
+            register_shapes_if_named(cfg, [args.dataset])
         evaluator = None
         if args.eval:
             evaluator = build_coco_evaluator(args.dataset, os.path.join(args.output, "coco_eval"),
