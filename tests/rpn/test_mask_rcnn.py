@@ -9,44 +9,32 @@ from detectron2.engine import SimpleTrainer
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 
+from model_testutils import tiny_mask_rcnn_cfg
+
 from fpn_plugin import add_fpn_plugin_config
 
 LEVELS = ["p2", "p3", "p4", "p5", "p6"]
 
 
 def _tiny_cfg(backbone="build_resnet_fpn_backbone", plugin_rpn=True):
-    cfg = get_cfg()
+    # The shared tiny model, sized for training at 128 px; the built-in mask head, so these
+    # tests see only the RPN change.
+    cfg = tiny_mask_rcnn_cfg(num_classes=2)
     add_fpn_plugin_config(cfg)
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.MASK_ON = True
     cfg.MODEL.PIXEL_STD = [57.375, 57.120, 58.395]
     cfg.MODEL.BACKBONE.NAME = backbone
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
     cfg.MODEL.FPN.OUT_CHANNELS = 64
-    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[16], [32], [64], [128], [256]]
     cfg.MODEL.RPN.IN_FEATURES = list(LEVELS)
     cfg.MODEL.RPN.PRE_NMS_TOPK_TRAIN = 300
-    cfg.MODEL.RPN.PRE_NMS_TOPK_TEST = 200
     cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 100
-    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 50
     cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE = 64
-    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
-    cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
-    cfg.MODEL.ROI_HEADS.NUM_CLASSES = 2
     cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 32
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
-    cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
-    cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 2
-    cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 64
-    cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 7
-    # The built-in mask head, so these tests see only the RPN change.
-    cfg.MODEL.ROI_MASK_HEAD.NAME = "MaskRCNNConvUpsampleHead"
     cfg.MODEL.ROI_MASK_HEAD.NUM_CONV = 1
     cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = 32
-    cfg.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION = 14
+    cfg.TEST.DETECTIONS_PER_IMAGE = get_cfg().TEST.DETECTIONS_PER_IMAGE
+    cfg.INPUT.MIN_SIZE_TEST = get_cfg().INPUT.MIN_SIZE_TEST
+    cfg.INPUT.MAX_SIZE_TEST = get_cfg().INPUT.MAX_SIZE_TEST
     if plugin_rpn:
         cfg.MODEL.PROPOSAL_GENERATOR.NAME = "PerLevelRPN"
         cfg.MODEL.RPN.HEAD_NAME = "PerLevelRPNHead"
