@@ -9,8 +9,11 @@ def add_neck_config(cfg):
     fed to the neck, high to low resolution), ``OUT_CHANNELS`` (channels of every pyramid
     level, 256), ``NORM`` (norm of lateral/output convs: "" | "BN" | "SyncBN" | "FrozenBN" |
     "GN" | anything ``detectron2.layers.get_norm`` accepts) and ``FUSE_TYPE`` ("sum" | "avg",
-    here also "weighted"). Every default added here reproduces Detectron2's FPN
-    (``build_resnet_fpn_backbone``) exactly.
+    here also "weighted"; "mean" is a synonym of "avg", the plugin's one fusion vocabulary
+    in :mod:`fpn_plugin.layers.fusion`). Every default added here reproduces Detectron2's FPN
+    (``build_resnet_fpn_backbone``) exactly. The keys are read by ``CustomFPN.from_config``
+    and checked by its constructor (``BOTTOM_UP_BACKBONE`` and the variant switch
+    ``BOTTOM_UP_PATH`` by the builders in :mod:`fpn_plugin.neck.build`).
 
     Args:
         cfg (CfgNode): a Detectron2 config, e.g. from ``detectron2.config.get_cfg()``.
@@ -20,7 +23,7 @@ def add_neck_config(cfg):
     # under the neck; it is called as `builder(cfg, input_shape)` and must return a Backbone.
     # (`build_resnet_custom_fpn_backbone` always uses ResNet and ignores this key.)
     fpn.BOTTOM_UP_BACKBONE = "build_resnet_backbone"
-    # Extra levels above the last pyramid level:
+    # Extra levels above the last pyramid level (names: fpn_plugin.neck.top_blocks):
     #   "none"      no extra level;
     #   "maxpool"   P6 = max_pool(P5, kernel 1, stride 2)  (Faster/Mask R-CNN FPN);
     #   "p6p7_res5" P6/P7 3x3 stride-2 convs from the last backbone feature (res5), RetinaNet;
@@ -33,6 +36,7 @@ def add_neck_config(cfg):
     # learnable weight per input and fusion node, kept non-negative by a ReLU:
     # out = sum_i relu(w_i) * x_i / (sum_j relu(w_j) + eps). Its eps:
     fpn.WEIGHTED_FUSION_EPS = 1e-4
-    # PANet bottom-up path augmentation after the top-down path: N2 = P2 and
-    # N(i) = conv3x3(fuse(P(i), conv3x3_stride2(N(i-1)))); its convs use NORM as well.
+    # PANet bottom-up path augmentation after the top-down path (the neck is then a PAFPN,
+    # fpn_plugin.neck.pafpn): N2 = P2 and N(i) = conv3x3(fuse(P(i), conv3x3_stride2(N(i-1))));
+    # its convs use NORM as well.
     fpn.BOTTOM_UP_PATH = False

@@ -1,58 +1,57 @@
 """
-``CustomFPN``: the feature-pyramid neck on top of a bottom-up backbone, one implementation
-whose switches give Detectron2's FPN (the defaults) and its variants: fusion type,
-upsampling mode, PANet bottom-up path augmentation, top block and normalization.
+``CustomFPN``: the feature-pyramid neck (top-down pathway) on a bottom-up backbone, with its
+parts injected: the fusion of each merge (by name, see :mod:`fpn_plugin.layers.fusion`), the
+upsampling mode and the top block (a name or a module, see :mod:`.top_blocks`). Pathway
+variants subclass it (:class:`~fpn_plugin.neck.pafpn.PAFPN` adds PANet's bottom-up path).
 
 Parity contract (all defaults): same parameter names as Detectron2's ``FPN``
 (``fpn_lateral{stage}``, ``fpn_output{stage}``, ``top_block.*``, ``bottom_up.*``), the same
 initialisation in the same random-number order, and the same forward computation, so
 Detectron2 FPN checkpoints load strictly and give identical pyramids. Variants only add
-parameters when enabled (``top_down_fusion.weight``, ``pan_fusion.weight``,
-``pan_downsample{stage}.*``, ``pan_output{stage}.*``).
+parameters when enabled (``top_down_fusion.weight`` for weighted fusion).
 """
 import copy
 import math
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import fvcore.nn.weight_init as weight_init
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, get_norm
-from detectron2.modeling.backbone import BACKBONE_REGISTRY, Backbone
+from detectron2.modeling.backbone import Backbone
 from torch import Tensor, nn
 
-from .fusion import FUSE_TYPES, build_fusion
-from .top_blocks import TOP_BLOCKS, build_top_block
+from ..layers import INTERPOLATION_MODES, build_fusion, check_fuse_type, conv3x3, resize_to
+from .top_blocks import resolve_top_block
 
-__all__ = ["CustomFPN", "UPSAMPLE_MODES"]
+__all__ = ["CustomFPN", "NECK_FUSE_TYPES"]
 
-UPSAMPLE_MODES = ("nearest", "bilinear")
-
-# Builders that put this neck on the backbone named by MODEL.FPN.BOTTOM_UP_BACKBONE, so they
-# cannot be that backbone themselves (endless recursion).
-_SELF_REFERENTIAL_BUILDERS = ("build_custom_fpn_backbone",)
+# The fusion words (fpn_plugin.layers.FUSE_TYPES) the neck implements; "mean" = "avg".
+NECK_FUSE_TYPES = ("sum", "avg", "weighted")
 
 
 class CustomFPN(Backbone):
     """
-    Feature pyramid (:paper:`FPN`) built on the features of a bottom-up backbone, with
-    optional PANet bottom-up path augmentation and EfficientDet-style weighted fusion.
+    Feature pyramid (:paper:`FPN`) built on the features of a bottom-up backbone.
 
     For input features C_i (strides 2**i, high to low resolution):
 
     - top-down: ``L_i = lateral_i(C_i)``; ``M_last = L_last``;
       ``M_i = fuse(L_i, upsample(M_{i+1}))``; ``P_i = output_i(M_i)``;
-    - bottom-up path (optional): ``N_first = P_first``;
-      ``N_i = pan_output_i(fuse(P_i, pan_downsample_i(N_{i-1})))``, replacing P_i;
+    - extra pathways: :meth:`_extra_pathways` (none here; a subclass's, e.g. PAFPN's);
     - top block (optional): extra levels from a backbone feature or the last level.
 
     Output names are "p<stage>" with stride ``2**stage``, high to low resolution.
     """
 
-    _fuse_type: torch.jit.Final[str]
     _upsample_mode: torch.jit.Final[str]
     _top_block_reads_backbone: torch.jit.Final[bool]
+    # Per-level conv lists kept as plain Python lists (Detectron2's state-dict keys) and the
+    # name prefix of their modules; __prepare_scriptable__ turns them into ModuleLists.
+    _LEVEL_CONV_LISTS: Tuple[Tuple[str, str], ...] = (
+        ("lateral_convs", "fpn_lateral"),
+        ("output_convs", "fpn_output"),
+    )
 
     @configurable
     def __init__(
@@ -64,7 +63,6 @@ class CustomFPN(Backbone):
         top_block=None,
         fuse_type: str = "sum",
         upsample_mode: str = "nearest",
-        bottom_up_path: bool = False,
         weighted_fusion_eps: float = 1e-4,
         square_pad: int = 0,
     ):
@@ -75,17 +73,16 @@ class CustomFPN(Backbone):
             in_features (list[str]): backbone features used, high to low resolution, each
                 stride exactly twice the previous one (e.g. ["res2", "res3", "res4", "res5"]).
             out_channels (int): channels of every pyramid level.
-            norm (str or callable): norm after the lateral, output (and bottom-up path)
-                convs; anything :func:`detectron2.layers.get_norm` accepts. Convs have a bias
-                only without norm, as in Detectron2.
+            norm (str or callable): norm after the lateral and output convs (and a
+                subclass's pathway convs); anything :func:`detectron2.layers.get_norm`
+                accepts. Convs have a bias only without norm, as in Detectron2.
             top_block (str or nn.Module or None): extra levels: a name from
                 :data:`~fpn_plugin.neck.top_blocks.TOP_BLOCKS`, None ("none"), or a module
                 like Detectron2's ``LastLevelMaxPool``, with attributes ``num_levels`` and
                 ``in_feature`` (a backbone feature or a pyramid level name).
-            fuse_type (str): "sum" | "avg" | "weighted" (fast normalized fusion with
-                learnable non-negative weights).
+            fuse_type (str): "sum" | "avg" ("mean") | "weighted" (fast normalized fusion
+                with learnable non-negative weights).
             upsample_mode (str): "nearest" | "bilinear" top-down upsampling.
-            bottom_up_path (bool): add PANet's bottom-up path augmentation.
             weighted_fusion_eps (float): epsilon of "weighted" fusion, > 0.
             square_pad (int): if > 0, asks (Detectron2 main's ``padding_constraints``) for
                 inputs padded to this square size; 0 as in Detectron2's FPN.
@@ -95,56 +92,30 @@ class CustomFPN(Backbone):
                 sets it (``MODEL.FPN.*``) and the offending value.
         """
         super().__init__()
-        if not isinstance(bottom_up, Backbone):
-            raise ValueError(
-                "bottom_up (built from MODEL.FPN.BOTTOM_UP_BACKBONE) must be a detectron2 "
-                f"Backbone, got {type(bottom_up).__name__}"
-            )
         input_shapes = bottom_up.output_shape()
         in_features = list(in_features)
-        strides, in_channels_per_feature = _check_in_features(in_features, input_shapes)
-        _check_options(
-            out_channels, norm, fuse_type, upsample_mode, bottom_up_path, weighted_fusion_eps
+        strides, in_channels = _check_in_features(in_features, input_shapes)
+        fuse_type = _check_options(
+            out_channels, norm, fuse_type, upsample_mode, weighted_fusion_eps, square_pad
         )
-        if not isinstance(square_pad, int) or isinstance(square_pad, bool) or square_pad < 0:
-            raise ValueError(f"square_pad must be an int >= 0, got {square_pad!r}")
-
         stages = [int(math.log2(s)) for s in strides]
         level_names = [f"p{s}" for s in stages]
         # Detectron2's RetinaNet builder creates the P6/P7 convs before the FPN convs; keep
         # that order so a fresh build draws the same random numbers.
-        if isinstance(top_block, str):
-            if top_block not in TOP_BLOCKS:
-                raise ValueError(
-                    f"MODEL.FPN.TOP_BLOCK={top_block!r} is not one of {list(TOP_BLOCKS)}"
-                )
-            # A named block knows its source, even if the backbone also has a "p5" output
-            # (e.g. an FPN used as bottom-up backbone).
-            reads_backbone = top_block == "p6p7_res5"
-            top_block = build_top_block(
-                top_block, in_features[-1], in_channels_per_feature[-1], level_names[-1],
-                out_channels,
-            )
-        else:
-            # Detectron2's rule for a given module: a backbone feature of that name wins.
-            reads_backbone = getattr(top_block, "in_feature", None) in input_shapes
-        if top_block is not None:
-            _check_top_block(top_block, input_shapes, level_names, out_channels, reads_backbone)
+        top_block, reads_backbone = resolve_top_block(
+            top_block, in_features, input_shapes, level_names, out_channels
+        )
 
         # Lateral/output convs exactly as Detectron2's FPN: names, bias rule, init, and the
         # creation order (the random-number order of a fresh build).
         lateral_convs = []
         output_convs = []
-        use_bias = norm == ""
-        for in_channels, stage in zip(in_channels_per_feature, stages):
+        for channels, stage in zip(in_channels, stages):
             lateral_conv = Conv2d(
-                in_channels, out_channels, kernel_size=1, bias=use_bias,
+                channels, out_channels, kernel_size=1, bias=not norm,
                 norm=get_norm(norm, out_channels),
             )
-            output_conv = Conv2d(
-                out_channels, out_channels, kernel_size=3, stride=1, padding=1, bias=use_bias,
-                norm=get_norm(norm, out_channels),
-            )
+            output_conv = conv3x3(out_channels, out_channels, norm)
             weight_init.c2_xavier_fill(lateral_conv)
             weight_init.c2_xavier_fill(output_conv)
             self.add_module(f"fpn_lateral{stage}", lateral_conv)
@@ -152,80 +123,47 @@ class CustomFPN(Backbone):
             lateral_convs.append(lateral_conv)
             output_convs.append(output_conv)
         # Plain lists (not ModuleList) keep Detectron2's state-dict keys; top-down order
-        # (low to high resolution). `__prepare_scriptable__` turns them into ModuleLists.
+        # (low to high resolution).
         self.lateral_convs = lateral_convs[::-1]
         self.output_convs = output_convs[::-1]
         self.top_block = top_block
         self.in_features = tuple(in_features)
         self.bottom_up = bottom_up
-
-        num_levels = len(in_features)
         # One fusion node per merge; None where there is nothing to merge, which TorchScript
         # prunes (an unused weighted fusion would hold parameters that never get gradients).
         self.top_down_fusion = (
-            build_fusion(fuse_type, num_levels - 1, 2, weighted_fusion_eps)
-            if num_levels > 1 else None
+            build_fusion(fuse_type, len(stages) - 1, 2, weighted_fusion_eps)
+            if len(stages) > 1 else None
         )
-        pan_downsample_convs = []
-        pan_output_convs = []
-        if bottom_up_path:
-            for stage in stages[1:]:
-                down = Conv2d(
-                    out_channels, out_channels, kernel_size=3, stride=2, padding=1,
-                    bias=use_bias, norm=get_norm(norm, out_channels),
-                )
-                out = Conv2d(
-                    out_channels, out_channels, kernel_size=3, stride=1, padding=1,
-                    bias=use_bias, norm=get_norm(norm, out_channels),
-                )
-                weight_init.c2_xavier_fill(down)
-                weight_init.c2_xavier_fill(out)
-                self.add_module(f"pan_downsample{stage}", down)
-                self.add_module(f"pan_output{stage}", out)
-                pan_downsample_convs.append(down)
-                pan_output_convs.append(out)
-        # High to low resolution (the bottom-up direction).
-        self.pan_downsample_convs = pan_downsample_convs
-        self.pan_output_convs = pan_output_convs
-        self.pan_fusion = (
-            build_fusion(fuse_type, num_levels - 1, 2, weighted_fusion_eps)
-            if bottom_up_path and num_levels > 1 else None
-        )
+        self._make_extra_pathways(stages, out_channels, norm, fuse_type, weighted_fusion_eps)
 
         self._out_feature_strides = {name: s for name, s in zip(level_names, strides)}
-        if self.top_block is not None:
+        if top_block is not None:
             last = stages[-1]
-            for s in range(last, last + self.top_block.num_levels):
+            for s in range(last, last + top_block.num_levels):
                 self._out_feature_strides[f"p{s + 1}"] = 2 ** (s + 1)
         self._out_features = list(self._out_feature_strides.keys())
         self._out_feature_channels = {k: out_channels for k in self._out_features}
-        # Every merge (top-down and bottom-up path) is between the input levels, so inputs
+        # Every merge (top-down and any extra pathway) is between the input levels, so inputs
         # divisible by the coarsest input stride make all of them line up exactly.
         self._size_divisibility = strides[-1]
         self._square_pad = square_pad
-        self._fuse_type = fuse_type
         self._upsample_mode = upsample_mode
         self._top_block_reads_backbone = reads_backbone
 
     @classmethod
-    def from_config(cls, cfg, input_shape, bottom_up=None):
+    def from_config(cls, cfg, input_shape, *, bottom_up: Backbone):
         """
-        Read ``cfg.MODEL.FPN`` (needs ``fpn_plugin.add_fpn_plugin_config``).
+        Map ``cfg.MODEL.FPN`` to the constructor's arguments (the plugin's backbone builders
+        in :mod:`fpn_plugin.neck.build` check first that the plugin's keys are there).
 
         Args:
             cfg (CfgNode): the config.
-            input_shape (ShapeSpec): image input shape, passed to the bottom-up builder.
-            bottom_up (Backbone or None): the bottom-up backbone; None builds the one
-                named by ``MODEL.FPN.BOTTOM_UP_BACKBONE``.
+            input_shape (ShapeSpec): image input shape (unused: the bottom-up backbone is
+                already built).
+            bottom_up (Backbone): the bottom-up backbone.
         """
         fpn = cfg.MODEL.FPN
-        if "TOP_BLOCK" not in fpn:
-            raise ValueError(
-                "cfg.MODEL.FPN has no TOP_BLOCK key: call fpn_plugin.add_fpn_plugin_config(cfg) "
-                "before merging the config file"
-            )
-        if bottom_up is None:
-            bottom_up = _build_bottom_up(cfg, input_shape)
         return {
             "bottom_up": bottom_up,
             "in_features": list(fpn.IN_FEATURES),
@@ -234,7 +172,6 @@ class CustomFPN(Backbone):
             "top_block": fpn.TOP_BLOCK,
             "fuse_type": fpn.FUSE_TYPE,
             "upsample_mode": fpn.UPSAMPLE_MODE,
-            "bottom_up_path": fpn.BOTTOM_UP_PATH,
             "weighted_fusion_eps": fpn.WEIGHTED_FUSION_EPS,
         }
 
@@ -258,35 +195,7 @@ class CustomFPN(Backbone):
             ``Hi = H / 2**stage``, high to low resolution (``self._out_features`` order).
         """
         bottom_up_features = self.bottom_up(x)
-        results: List[Tensor] = []
-        prev_features = self.lateral_convs[0](bottom_up_features[self.in_features[-1]])
-        results.append(self.output_convs[0](prev_features))
-
-        if self.top_down_fusion is not None:
-            for idx, (lateral_conv, output_conv) in enumerate(
-                zip(self.lateral_convs, self.output_convs)
-            ):
-                # ModuleList slicing is not scriptable: loop over all, skip the coarsest level.
-                if idx > 0:
-                    features = bottom_up_features[self.in_features[-idx - 1]]
-                    lateral_features = lateral_conv(features)
-                    top_down_features = self._upsample(prev_features, lateral_features)
-                    prev_features = self.top_down_fusion(
-                        [lateral_features, top_down_features], idx - 1
-                    )
-                    results.insert(0, output_conv(prev_features))
-
-        if self.pan_fusion is not None:
-            prev_features = results[0]
-            augmented = [prev_features]
-            for idx, (down_conv, out_conv) in enumerate(
-                zip(self.pan_downsample_convs, self.pan_output_convs)
-            ):
-                fused = self.pan_fusion([results[idx + 1], down_conv(prev_features)], idx)
-                prev_features = out_conv(fused)
-                augmented.append(prev_features)
-            results = augmented
-
+        results = self._extra_pathways(self._top_down(bottom_up_features))
         if self.top_block is not None:
             if self._top_block_reads_backbone:
                 top_block_in_feature = bottom_up_features[self.top_block.in_feature]
@@ -296,13 +205,60 @@ class CustomFPN(Backbone):
         assert len(self._out_features) == len(results)
         return {f: res for f, res in zip(self._out_features, results)}
 
-    def _upsample(self, x: Tensor, like: Tensor) -> Tensor:
-        # Upsampling to the lateral's size equals Detectron2's scale_factor=2 on padded
-        # inputs, and still lines up when a caller feeds unpadded odd sizes.
-        size = like.shape[-2:]
-        if self._upsample_mode == "bilinear":
-            return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        return F.interpolate(x, size=size, mode="nearest")
+    def _top_down(self, bottom_up_features: Dict[str, Tensor]) -> List[Tensor]:
+        """
+        Returns:
+            list[Tensor]: P_i for the input levels, high to low resolution, each
+            `(N, out_channels, Hi, Wi)`.
+        """
+        results: List[Tensor] = []
+        prev_features = self.lateral_convs[0](bottom_up_features[self.in_features[-1]])
+        results.append(self.output_convs[0](prev_features))
+        if self.top_down_fusion is not None:
+            for idx, (lateral_conv, output_conv) in enumerate(
+                zip(self.lateral_convs, self.output_convs)
+            ):
+                # ModuleList slicing is not scriptable: loop over all, skip the coarsest level.
+                if idx > 0:
+                    features = bottom_up_features[self.in_features[-idx - 1]]
+                    lateral_features = lateral_conv(features)
+                    # Upsampling to the lateral's size equals Detectron2's scale_factor=2 on
+                    # padded inputs, and still lines up when a caller feeds odd sizes.
+                    top_down_features = resize_to(
+                        prev_features, lateral_features.shape[-2:], self._upsample_mode
+                    )
+                    prev_features = self.top_down_fusion(
+                        [lateral_features, top_down_features], idx - 1
+                    )
+                    results.insert(0, output_conv(prev_features))
+        return results
+
+    def _make_extra_pathways(
+        self, stages: List[int], out_channels: int, norm, fuse_type: str, eps: float
+    ) -> None:
+        """
+        Create the modules of the pathways after the top-down one (a subclass's hook; none
+        here). Called by ``__init__`` once the top-down modules exist, so their random draws
+        come first.
+
+        Args:
+            stages (list[int]): stage of each input level, high to low resolution.
+            out_channels (int), norm: the neck's.
+            fuse_type (str): the neck's fusion word (canonical), for the pathway's merges.
+            eps (float): epsilon of "weighted" fusion.
+        """
+
+    def _extra_pathways(self, levels: List[Tensor]) -> List[Tensor]:
+        """
+        The pathways after the top-down one (a subclass's hook; none here).
+
+        Args:
+            levels (list[Tensor]): P_i of the input levels, high to low resolution.
+
+        Returns:
+            list[Tensor]: the levels that replace them, same shapes.
+        """
+        return levels
 
     def __prepare_scriptable__(self):
         """
@@ -310,14 +266,10 @@ class CustomFPN(Backbone):
         Detectron2 does for its FPN (the copy's state-dict keys change accordingly).
         """
         ret = copy.deepcopy(self)
-        per_level = ("fpn_lateral", "fpn_output", "pan_downsample", "pan_output")
-        level_module_names = [n for n, _ in self.named_children() if n.startswith(per_level)]
-        ret.lateral_convs = nn.ModuleList(ret.lateral_convs)
-        ret.output_convs = nn.ModuleList(ret.output_convs)
-        ret.pan_downsample_convs = nn.ModuleList(ret.pan_downsample_convs)
-        ret.pan_output_convs = nn.ModuleList(ret.pan_output_convs)
-        for name in level_module_names:
-            delattr(ret, name)
+        for list_name, prefix in self._LEVEL_CONV_LISTS:
+            setattr(ret, list_name, nn.ModuleList(getattr(ret, list_name)))
+            for name in [n for n, _ in self.named_children() if n.startswith(prefix)]:
+                delattr(ret, name)
         return ret
 
 
@@ -355,7 +307,8 @@ def _check_in_features(in_features, input_shapes):
     return strides, channels
 
 
-def _check_options(out_channels, norm, fuse_type, upsample_mode, bottom_up_path, eps):
+def _check_options(out_channels, norm, fuse_type, upsample_mode, eps, square_pad) -> str:
+    """Validate the neck's scalar options; returns the canonical fusion word."""
     if not isinstance(out_channels, int) or isinstance(out_channels, bool) or out_channels <= 0:
         raise ValueError(f"MODEL.FPN.OUT_CHANNELS={out_channels!r} must be a positive int")
     try:
@@ -366,59 +319,14 @@ def _check_options(out_channels, norm, fuse_type, upsample_mode, bottom_up_path,
             f"by detectron2.layers.get_norm ({type(e).__name__}: {e}); use one of '', 'BN', "
             "'SyncBN', 'FrozenBN', 'GN' (OUT_CHANNELS divisible by 32)"
         ) from e
-    if fuse_type not in FUSE_TYPES:
-        raise ValueError(f"MODEL.FPN.FUSE_TYPE={fuse_type!r} is not one of {list(FUSE_TYPES)}")
-    if upsample_mode not in UPSAMPLE_MODES:
+    fuse_type = check_fuse_type(fuse_type, NECK_FUSE_TYPES, "MODEL.FPN.FUSE_TYPE")
+    if upsample_mode not in INTERPOLATION_MODES:
         raise ValueError(
-            f"MODEL.FPN.UPSAMPLE_MODE={upsample_mode!r} is not one of {list(UPSAMPLE_MODES)}"
+            f"MODEL.FPN.UPSAMPLE_MODE={upsample_mode!r} is not one of {list(INTERPOLATION_MODES)}"
         )
-    if not isinstance(bottom_up_path, bool):
-        raise ValueError(f"MODEL.FPN.BOTTOM_UP_PATH={bottom_up_path!r} must be True or False")
+    # Checked whatever FUSE_TYPE is, so a bad value never waits for a later switch.
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"MODEL.FPN.WEIGHTED_FUSION_EPS={eps!r} must be a number > 0")
-
-
-def _check_top_block(top_block, input_shapes, level_names, out_channels, reads_backbone):
-    num_levels = getattr(top_block, "num_levels", None)
-    in_feature = getattr(top_block, "in_feature", None)
-    if not isinstance(num_levels, int) or num_levels < 1 or not isinstance(in_feature, str):
-        raise ValueError(
-            f"top_block {type(top_block).__name__} needs an int attribute num_levels >= 1 and "
-            f"a str attribute in_feature; got num_levels={num_levels!r}, in_feature={in_feature!r}"
-        )
-    if reads_backbone:
-        channels = input_shapes[in_feature].channels
-    elif in_feature in level_names:
-        channels = out_channels
-    else:
-        raise ValueError(
-            f"top_block.in_feature={in_feature!r} is neither a bottom-up feature "
-            f"{list(input_shapes)} nor a pyramid level {level_names}"
-        )
-    # Detectron2-style P6/P7 blocks: their first conv must take the input's channels.
-    first_conv = getattr(top_block, "p6", None)
-    if isinstance(first_conv, nn.Conv2d) and first_conv.in_channels != channels:
-        raise ValueError(
-            f"top_block.p6 takes {first_conv.in_channels} channels but its input "
-            f"{in_feature!r} has {channels} (MODEL.FPN.OUT_CHANNELS or the backbone's channels)"
-        )
-
-
-def _build_bottom_up(cfg, input_shape):
-    key = "MODEL.FPN.BOTTOM_UP_BACKBONE"
-    name = cfg.MODEL.FPN.BOTTOM_UP_BACKBONE
-    if name in _SELF_REFERENTIAL_BUILDERS:
-        raise ValueError(f"{key}={name!r}: the neck cannot be its own bottom-up backbone")
-    try:
-        builder = BACKBONE_REGISTRY.get(name)
-    except KeyError:
-        raise ValueError(
-            f"{key}={name!r} is not registered in BACKBONE_REGISTRY "
-            f"(registered: {sorted(n for n, _ in BACKBONE_REGISTRY)})"
-        ) from None
-    bottom_up = builder(cfg, input_shape)
-    if not isinstance(bottom_up, Backbone):
-        raise ValueError(
-            f"{key}={name!r} returned a {type(bottom_up).__name__}, not a detectron2 Backbone"
-        )
-    return bottom_up
+    if not isinstance(square_pad, int) or isinstance(square_pad, bool) or square_pad < 0:
+        raise ValueError(f"square_pad must be an int >= 0, got {square_pad!r}")
+    return fuse_type

@@ -21,7 +21,8 @@ def _check_panet(model):
 
 
 def _check_weighted(model):
-    assert isinstance(model.top_down_fusion, WeightedFusion) and model.pan_fusion is None
+    assert isinstance(model.top_down_fusion, WeightedFusion)
+    assert getattr(model, "pan_fusion", None) is None
 
 
 def _check_bilinear(model):
