@@ -1,6 +1,6 @@
 """
-Config keys of fpn_plugin.rpn (added to ``cfg.MODEL.RPN``, next to Detectron2's own), and the
-checks that turn bad values into a ``ValueError`` naming the key.
+Config keys of fpn_plugin.rpn (added to ``cfg.MODEL.RPN``, next to Detectron2's own), the
+one helper that broadcasts a value to the levels, and the anchor keys' check.
 
 Every default reproduces Detectron2's RPN + StandardRPNHead. Detectron2's keys keep their
 meaning: ``CONV_DIMS`` (one entry per 3x3 conv of the head, so its length is the head's
@@ -14,14 +14,16 @@ built-in RPN, which reads them as ints. So the int keys stay as they are and an 
 ``*_PER_LEVEL`` list means "use the int key"; a non-empty one gives one value per level.
 """
 import collections.abc
-from typing import List, Sequence
+from typing import List
+
+from detectron2.modeling.anchor_generator import build_anchor_generator
 
 __all__ = [
     "add_rpn_config",
     "POST_NMS_TOPK_MODES",
-    "per_level_values",
+    "per_level_ints",
     "check_anchor_params",
-    "check_conv_dims",
+    "anchor_generator_from_config",
 ]
 
 POST_NMS_TOPK_MODES = ("per_image", "per_level")
@@ -54,31 +56,31 @@ def add_rpn_config(cfg):
     rpn.POST_NMS_TOPK_TEST_PER_LEVEL = []
 
 
-def per_level_values(scalar, per_level: Sequence, num_levels: int, key: str, scalar_key: str):
+def per_level_ints(value, num_levels: int, key: str) -> List[int]:
     """
-    One int per level from an int key and its optional per-level list key.
+    One positive int per level: the one place that broadcasts a value to the levels.
 
     Args:
-        scalar (int): value of the int key (used on every level when ``per_level`` is empty).
-        per_level (list[int]): value of the list key; empty, or exactly ``num_levels`` ints.
+        value (int or list[int]): an int used on every level, or ``num_levels`` ints.
         num_levels (int): number of levels (len of MODEL.RPN.IN_FEATURES).
-        key, scalar_key (str): full config names, for error messages.
+        key (str): the config key that sets ``value``, named in errors.
 
     Returns:
         list[int]: ``num_levels`` positive ints.
     """
-    if isinstance(per_level, (int, float)) or not isinstance(per_level, collections.abc.Sequence):
-        raise ValueError(f"{key} must be a list of ints (one per level), got {per_level!r}")
-    values = list(per_level) if len(per_level) else [scalar] * num_levels
-    if len(values) != num_levels:
-        raise ValueError(
-            f"{key} has {len(values)} entries {list(per_level)} but there are {num_levels} "
-            f"levels (MODEL.RPN.IN_FEATURES); give one value per level or [] to use {scalar_key}"
-        )
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            name = key if len(per_level) else scalar_key
-            raise ValueError(f"{name} must hold positive ints, got {per_level or scalar!r}")
+    if isinstance(value, int) and not isinstance(value, bool):
+        values = [value] * num_levels
+    elif isinstance(value, collections.abc.Sequence) and not isinstance(value, str):
+        values = list(value)
+        if len(values) != num_levels:
+            raise ValueError(
+                f"{key} has {len(values)} entries {values} but there are {num_levels} levels "
+                "(MODEL.RPN.IN_FEATURES); give one value per level"
+            )
+    else:
+        raise ValueError(f"{key} must be an int or a list of ints (one per level), got {value!r}")
+    if any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in values):
+        raise ValueError(f"{key} must hold positive ints, got {value!r}")
     return values
 
 
@@ -112,10 +114,16 @@ def check_anchor_params(sizes, aspect_ratios, num_levels: int, in_features: List
             )
 
 
-def check_conv_dims(conv_dims) -> List[int]:
-    """MODEL.RPN.CONV_DIMS as a list; each entry -1 (input channels) or a positive int."""
-    dims = list(conv_dims)
-    for d in dims:
-        if isinstance(d, bool) or not isinstance(d, int) or (d != -1 and d <= 0):
-            raise ValueError(f"MODEL.RPN.CONV_DIMS entries must be -1 or > 0, got {dims}")
-    return dims
+def anchor_generator_from_config(cfg, input_shape):
+    """
+    Detectron2's anchor generator for ``input_shape`` (one ShapeSpec per level of
+    MODEL.RPN.IN_FEATURES), after the check that turns a per-level mismatch of
+    MODEL.ANCHOR_GENERATOR.SIZES / ASPECT_RATIOS into a ``ValueError`` naming the key.
+    """
+    check_anchor_params(
+        cfg.MODEL.ANCHOR_GENERATOR.SIZES,
+        cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS,
+        len(input_shape),
+        list(cfg.MODEL.RPN.IN_FEATURES),
+    )
+    return build_anchor_generator(cfg, input_shape)

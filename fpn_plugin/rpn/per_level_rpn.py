@@ -6,7 +6,7 @@ matches the built-in RPN exactly; what changes is the post-processing (one batch
 by image and level, per-level top-k lists, a per-level post-NMS top-k option), the level
 recorded on inference proposals, and per-level numbers in the EventStorage.
 """
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from detectron2.config import configurable
@@ -16,22 +16,15 @@ from detectron2.modeling.proposal_generator.rpn import RPN
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage
 
+from ..utils.config import require_plugin_keys
 from ..utils.registry import register
-from .config import POST_NMS_TOPK_MODES, check_anchor_params, per_level_values
+from .config import POST_NMS_TOPK_MODES, add_rpn_config, check_anchor_params, per_level_ints
 from .postprocess import find_top_proposals_per_level
 
 __all__ = ["PerLevelRPN"]
 
 TopK = Union[int, Sequence[int]]
-
-
-def _per_level_arg(value: TopK, num_levels: int, name: str) -> List[int]:
-    values = [value] * num_levels if isinstance(value, int) else list(value)
-    if len(values) != num_levels or any(not isinstance(v, int) or v <= 0 for v in values):
-        raise ValueError(
-            f"{name} must be a positive int or {num_levels} positive ints, got {value}"
-        )
-    return values
+_PHASES = ("TRAIN", "TEST")
 
 
 @register(PROPOSAL_GENERATOR_REGISTRY)
@@ -52,25 +45,34 @@ class PerLevelRPN(RPN):
     ``rpn/num_proposals_f`` (after the post-NMS top-k).
     """
 
+    pre_nms_topk: Dict[bool, List[int]]
+    post_nms_topk: Dict[bool, Optional[int]]
+    post_nms_topk_per_level: Optional[Dict[bool, List[int]]]
+
     @configurable
     def __init__(
         self,
         *,
         in_features: List[str],
         pre_nms_topk: Tuple[TopK, TopK],
-        post_nms_topk: Tuple[TopK, TopK],
-        post_nms_topk_mode: str = "per_image",
+        post_nms_topk: Tuple[Optional[int], Optional[int]],
+        post_nms_topk_per_level: Optional[Tuple[TopK, TopK]] = None,
         **kwargs,
     ):
         """
         Args:
             in_features, and every other keyword: as Detectron2's :class:`RPN`.
-            pre_nms_topk (tuple): (train, test); each an int used on every level or a list
-                with one int per level of ``in_features``.
-            post_nms_topk (tuple): (train, test). ``post_nms_topk_mode="per_image"``: ints,
-                proposals kept per image over all levels. ``"per_level"``: each an int or a
-                per-level list, survivors kept per level of each image.
-            post_nms_topk_mode (str): "per_image" (Detectron2) or "per_level".
+            pre_nms_topk (tuple): (train, test) candidates taken per level of each image before
+                NMS; each an int used on every level or a list with one int per level.
+            post_nms_topk (tuple): (train, test) proposals kept per image over all levels after
+                NMS (Detectron2's meaning); None: no per-image limit (then
+                ``post_nms_topk_per_level`` must be given).
+            post_nms_topk_per_level (tuple or None): (train, test) NMS survivors kept per level
+                of each image, each an int used on every level or a list with one int per
+                level; the image gets their union. None: no per-level limit (Detectron2).
+
+        Raises:
+            ValueError: on an invalid value, naming the config key that sets it.
         """
         super().__init__(
             in_features=in_features,
@@ -78,32 +80,36 @@ class PerLevelRPN(RPN):
             post_nms_topk=post_nms_topk,
             **kwargs,
         )
-        num_levels = len(in_features)
-        if post_nms_topk_mode not in POST_NMS_TOPK_MODES:
-            raise ValueError(
-                f"post_nms_topk_mode must be one of {POST_NMS_TOPK_MODES}, "
-                f"got {post_nms_topk_mode!r}"
-            )
         if self.anchor_generator.box_dim != 4:
-            raise ValueError("PerLevelRPN handles axis-aligned boxes only (use RRPN for rotated)")
-        self.pre_nms_topk: Dict[bool, List[int]] = {
-            True: _per_level_arg(pre_nms_topk[0], num_levels, "pre_nms_topk[0] (train)"),
-            False: _per_level_arg(pre_nms_topk[1], num_levels, "pre_nms_topk[1] (test)"),
-        }
-        self.post_nms_topk_per_level = post_nms_topk_mode == "per_level"
-        post_levels = num_levels if self.post_nms_topk_per_level else 1
-        if not self.post_nms_topk_per_level and not all(isinstance(k, int) for k in post_nms_topk):
             raise ValueError(
-                "per-level post_nms_topk lists need post_nms_topk_mode='per_level', "
-                f"got {post_nms_topk}"
+                "MODEL.ANCHOR_GENERATOR.NAME makes anchors with box_dim "
+                f"{self.anchor_generator.box_dim}; PerLevelRPN handles axis-aligned boxes "
+                "(use RRPN for rotated ones)"
             )
-        self.post_nms_topk: Dict[bool, List[int]] = {
-            True: _per_level_arg(post_nms_topk[0], post_levels, "post_nms_topk[0] (train)"),
-            False: _per_level_arg(post_nms_topk[1], post_levels, "post_nms_topk[1] (test)"),
+        num_levels = len(in_features)
+        self.pre_nms_topk = {
+            training: per_level_ints(k, num_levels, _topk_key("PRE", phase, k))
+            for training, phase, k in zip((True, False), _PHASES, pre_nms_topk)
         }
+        for phase, k in zip(_PHASES, post_nms_topk):
+            if k is None and post_nms_topk_per_level is None:
+                raise ValueError(
+                    f"MODEL.RPN.POST_NMS_TOPK_{phase}: post_nms_topk=None (no per-image limit) "
+                    "needs post_nms_topk_per_level"
+                )
+            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k <= 0):
+                raise ValueError(f"MODEL.RPN.POST_NMS_TOPK_{phase} must be a positive int, got {k!r}")
+        self.post_nms_topk = {True: post_nms_topk[0], False: post_nms_topk[1]}
+        self.post_nms_topk_per_level = None
+        if post_nms_topk_per_level is not None:
+            self.post_nms_topk_per_level = {
+                training: per_level_ints(k, num_levels, _topk_key("POST", phase, k))
+                for training, phase, k in zip((True, False), _PHASES, post_nms_topk_per_level)
+            }
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        require_plugin_keys(cfg, add_rpn_config, "PerLevelRPN (MODEL.RPN)")
         rpn = cfg.MODEL.RPN
         in_features = list(rpn.IN_FEATURES)
         missing = [f for f in in_features if f not in input_shape]
@@ -112,58 +118,19 @@ class PerLevelRPN(RPN):
                 f"MODEL.RPN.IN_FEATURES = {in_features} must name backbone outputs "
                 f"{sorted(input_shape)}; unknown: {missing}"
             )
-        num_levels = len(in_features)
-        # Checked here so a mismatch names the key (Detectron2's anchor generator only asserts).
+        # Before Detectron2's RPN.from_config builds the anchor generator, which only asserts.
         check_anchor_params(
             cfg.MODEL.ANCHOR_GENERATOR.SIZES,
             cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS,
-            num_levels,
+            len(in_features),
             in_features,
         )
-        mode = rpn.POST_NMS_TOPK_MODE
-        if mode not in POST_NMS_TOPK_MODES:
-            raise ValueError(
-                f"MODEL.RPN.POST_NMS_TOPK_MODE must be one of {POST_NMS_TOPK_MODES}, got {mode!r}"
-            )
-        pre_nms_topk = tuple(
-            per_level_values(
-                rpn.get(f"PRE_NMS_TOPK_{s}"),
-                rpn.get(f"PRE_NMS_TOPK_{s}_PER_LEVEL"),
-                num_levels,
-                f"MODEL.RPN.PRE_NMS_TOPK_{s}_PER_LEVEL",
-                f"MODEL.RPN.PRE_NMS_TOPK_{s}",
-            )
-            for s in ("TRAIN", "TEST")
-        )
-        post_nms_topk = []
-        for s in ("TRAIN", "TEST"):
-            scalar_key = f"MODEL.RPN.POST_NMS_TOPK_{s}"
-            list_key = f"{scalar_key}_PER_LEVEL"
-            scalar = rpn.get(f"POST_NMS_TOPK_{s}")
-            per_level = rpn.get(f"POST_NMS_TOPK_{s}_PER_LEVEL")
-            if mode == "per_level":
-                post_nms_topk.append(
-                    per_level_values(scalar, per_level, num_levels, list_key, scalar_key)
-                )
-                continue
-            if len(per_level):
-                raise ValueError(
-                    f"{list_key} = {list(per_level)} needs MODEL.RPN.POST_NMS_TOPK_MODE: "
-                    f"per_level (it is {mode!r}, where {scalar_key} applies per image)"
-                )
-            post_nms_topk.append(per_level_values(scalar, [], 1, list_key, scalar_key)[0])
-
         ret = super().from_config(cfg, input_shape)
-        if ret["anchor_generator"].box_dim != 4:
-            raise ValueError(
-                f"MODEL.ANCHOR_GENERATOR.NAME = {cfg.MODEL.ANCHOR_GENERATOR.NAME!r} makes rotated "
-                "anchors; PerLevelRPN handles axis-aligned boxes (use RRPN)"
-            )
-        ret.update(
-            pre_nms_topk=pre_nms_topk,
-            post_nms_topk=tuple(post_nms_topk),
-            post_nms_topk_mode=mode,
+        # An empty *_PER_LEVEL list means "the int key on every level".
+        ret["pre_nms_topk"] = tuple(
+            rpn[f"PRE_NMS_TOPK_{s}_PER_LEVEL"] or rpn[f"PRE_NMS_TOPK_{s}"] for s in _PHASES
         )
+        ret.update(_post_nms_topk_args(rpn))
         return ret
 
     @torch.jit.unused
@@ -214,6 +181,10 @@ class PerLevelRPN(RPN):
         """
         # Proposals are constants for the second stage (approximate joint training), as in
         # Detectron2.
+        per_level = self.post_nms_topk_per_level
+        per_level_topk: Optional[List[int]] = None
+        if per_level is not None:
+            per_level_topk = per_level[self.training]
         with torch.no_grad():
             pred_proposals = self._decode_proposals(anchors, pred_anchor_deltas)
             boxes, scores, levels, nms_counts = find_top_proposals_per_level(
@@ -223,7 +194,7 @@ class PerLevelRPN(RPN):
                 self.nms_thresh,
                 self.pre_nms_topk[self.training],
                 self.post_nms_topk[self.training],
-                self.post_nms_topk_per_level,
+                per_level_topk,
                 self.min_box_size,
                 self.training,
             )
@@ -248,3 +219,41 @@ class PerLevelRPN(RPN):
         for name, after_nms, kept in zip(self.in_features, *stats.tolist()):
             storage.put_scalar(f"rpn/num_proposals_after_nms_{name}", after_nms)
             storage.put_scalar(f"rpn/num_proposals_{name}", kept)
+
+
+def _topk_key(stage: str, phase: str, value) -> str:
+    """The key that set a top-k value: the *_PER_LEVEL list key for a list, else the int key."""
+    key = f"MODEL.RPN.{stage}_NMS_TOPK_{phase}"
+    return key if isinstance(value, int) else key + "_PER_LEVEL"
+
+
+def _post_nms_topk_args(rpn) -> Dict[str, object]:
+    """
+    MODEL.RPN.POST_NMS_TOPK_MODE and the POST_NMS_TOPK keys as PerLevelRPN's two arguments:
+    "per_image" -> ``post_nms_topk`` (Detectron2's meaning); "per_level" ->
+    ``post_nms_topk_per_level`` (the *_PER_LEVEL lists, or the int keys on every level).
+    """
+    mode = rpn.POST_NMS_TOPK_MODE
+    if mode == "per_level":
+        return {
+            "post_nms_topk": (None, None),
+            "post_nms_topk_per_level": tuple(
+                rpn[f"POST_NMS_TOPK_{s}_PER_LEVEL"] or rpn[f"POST_NMS_TOPK_{s}"] for s in _PHASES
+            ),
+        }
+    if mode != "per_image":
+        raise ValueError(
+            f"MODEL.RPN.POST_NMS_TOPK_MODE must be one of {POST_NMS_TOPK_MODES}, got {mode!r}"
+        )
+    for s in _PHASES:
+        per_level = rpn[f"POST_NMS_TOPK_{s}_PER_LEVEL"]
+        if len(per_level):
+            raise ValueError(
+                f"MODEL.RPN.POST_NMS_TOPK_{s}_PER_LEVEL = {list(per_level)} needs "
+                f"MODEL.RPN.POST_NMS_TOPK_MODE: per_level (it is {mode!r}, where "
+                f"MODEL.RPN.POST_NMS_TOPK_{s} applies per image)"
+            )
+    return {
+        "post_nms_topk": tuple(rpn[f"POST_NMS_TOPK_{s}"] for s in _PHASES),
+        "post_nms_topk_per_level": None,
+    }

@@ -11,14 +11,15 @@ The pipeline for a batch (see docs/rpn.md for the diagram):
 2. all levels concatenated; boxes clipped to their image; non-finite and small boxes dropped;
 3. ONE ``batched_nms`` over the whole batch, keyed by (image, level): boxes of different
    levels or images never suppress each other;
-4. post-NMS top-k: per image over the merged levels (Detectron2), or per (image, level);
+4. post-NMS top-k: per (image, level) if asked, and per image over the merged levels
+   (Detectron2) if asked;
 5. per image, the survivors in decreasing objectness.
 
 With ``pre_nms_topk`` the same on every level and per-image post-NMS top-k this selects
 exactly what Detectron2's ``find_top_rpn_proposals`` selects (it loops over images and runs
 one ``batched_nms`` per image); see :func:`find_top_proposals_per_level` for the tie caveat.
 """
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from detectron2.layers import batched_nms
@@ -56,8 +57,8 @@ def find_top_proposals_per_level(
     image_sizes: List[Tuple[int, int]],
     nms_thresh: float,
     pre_nms_topk: List[int],
-    post_nms_topk: List[int],
-    post_nms_topk_per_level: bool,
+    post_nms_topk: Optional[int],
+    post_nms_topk_per_level: Optional[List[int]],
     min_box_size: float,
     training: bool,
 ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor], torch.Tensor]:
@@ -73,10 +74,11 @@ def find_top_proposals_per_level(
         nms_thresh (float): IoU above which NMS removes the lower-scoring box of a pair (only
             within one level of one image).
         pre_nms_topk (list[int]): L ints; candidates per image taken from level i before NMS.
-        post_nms_topk (list[int]): after NMS, if ``post_nms_topk_per_level``: L ints, the
-            number of survivors of level i kept per image; otherwise one int, the number of
-            survivors kept per image over all levels (Detectron2's meaning).
-        post_nms_topk_per_level (bool): which of the two meanings ``post_nms_topk`` has.
+        post_nms_topk (int or None): after NMS, the number of survivors kept per image over
+            all levels (Detectron2's meaning); None: no per-image limit.
+        post_nms_topk_per_level (list[int] or None): after NMS, L ints: the number of
+            survivors of level i kept per image (applied before ``post_nms_topk``); None: no
+            per-level limit.
         min_box_size (float): boxes with a side (after clipping) not above this are dropped.
         training (bool): non-finite boxes or scores raise ``FloatingPointError`` in training;
             in inference they are dropped.
@@ -161,8 +163,8 @@ def find_top_proposals_per_level(
     )
 
     # 4. Post-NMS top-k per (image, level); the per-image top-k is a prefix, taken below.
-    if post_nms_topk_per_level:
-        limits = torch.tensor(post_nms_topk, dtype=torch.int64, device=device)
+    if post_nms_topk_per_level is not None:
+        limits = torch.tensor(post_nms_topk_per_level, dtype=torch.int64, device=device)
         ranks = rank_within_groups(kept_groups, num_images * num_levels)
         kept = kept[ranks < limits[flat_levels[kept]]]
     kept_images = image_ids[kept]
@@ -173,8 +175,8 @@ def find_top_proposals_per_level(
     out_levels: List[torch.Tensor] = []
     for n in range(num_images):
         idx = kept[kept_images == n]
-        if not post_nms_topk_per_level:
-            idx = idx[: post_nms_topk[0]]
+        if post_nms_topk is not None:
+            idx = idx[:post_nms_topk]
         out_boxes.append(flat_boxes[idx])
         out_scores.append(flat_scores[idx])
         out_levels.append(flat_levels[idx])

@@ -69,7 +69,7 @@ def test_shared_head_with_per_level_anchor_counts():
     anchors = [3, 3, 3, 3, 5]
     head = PerLevelRPNHead(in_channels=8, num_anchors=anchors)
     # One trunk; one predictor pair per distinct anchor count.
-    assert head.conv is not None and head.level_convs is None
+    assert head.conv is not None and getattr(head, "level_convs", None) is None
     assert len(head.predictors) == 2 and head.predictor_levels == [[0, 1, 2, 3], [4]]
     feats = _features(8)
     logits, deltas = head(feats)

@@ -242,8 +242,8 @@ def test_per_level_topk_lists_reach_the_module(fpn_cfg, fpn_shapes):
     cfg.MODEL.RPN.POST_NMS_TOPK_TEST_PER_LEVEL = [300, 200, 100, 50, 50]
     rpn = _build(cfg, fpn_shapes(8))
     assert rpn.pre_nms_topk == {True: [2000, 1000, 500, 200, 100], False: [1000] * 5}
-    assert rpn.post_nms_topk == {True: [1000] * 5, False: [300, 200, 100, 50, 50]}
-    assert rpn.post_nms_topk_per_level
+    assert rpn.post_nms_topk_per_level == {True: [1000] * 5, False: [300, 200, 100, 50, 50]}
+    assert rpn.post_nms_topk == {True: None, False: None}  # no per-image limit on top
 
 
 def _scripting_with_instances():

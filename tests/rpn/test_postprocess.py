@@ -38,7 +38,7 @@ def test_matches_detectron2_per_image_mode(shapes, sizes, pre, post, min_size, t
     proposals, logits = _random_level_outputs(shapes, len(sizes), extent, seed=len(shapes) + pre)
     ref = find_top_rpn_proposals(proposals, logits, sizes, thresh, pre, post, min_size, training)
     boxes, scores, levels, nms_counts = find_top_proposals_per_level(
-        proposals, logits, sizes, thresh, [pre] * len(shapes), [post], False, min_size, training
+        proposals, logits, sizes, thresh, [pre] * len(shapes), post, None, min_size, training
     )
     assert len(boxes) == len(ref) == len(sizes)
     for n in range(len(sizes)):
@@ -53,7 +53,7 @@ def test_levels_say_where_each_proposal_came_from():
     shapes = [(12, 12, 3), (6, 6, 3), (3, 3, 3)]
     proposals, logits = _random_level_outputs(shapes, 2, 48, seed=3)
     boxes, scores, levels, _ = find_top_proposals_per_level(
-        proposals, logits, [(48, 48), (48, 48)], 0.7, [1000] * 3, [1000], False, 0.0, False
+        proposals, logits, [(48, 48), (48, 48)], 0.7, [1000] * 3, 1000, None, 0.0, False
     )
     for n in range(2):
         for box, score, level in zip(boxes[n], scores[n], levels[n]):
@@ -71,7 +71,7 @@ def test_per_level_mode_equals_each_level_processed_alone():
     pre, post = [300, 100, 40, 20], [60, 25, 10, 3]
     proposals, logits = _random_level_outputs(shapes, 2, 64, seed=7)
     boxes, scores, levels, nms_counts = find_top_proposals_per_level(
-        proposals, logits, sizes, 0.6, pre, post, True, 1.0, False
+        proposals, logits, sizes, 0.6, pre, None, post, 1.0, False
     )
     for n in range(2):
         assert (scores[n][1:] <= scores[n][:-1]).all(), "merged proposals are sorted by score"
@@ -90,7 +90,7 @@ def test_per_level_pre_nms_topk_lists():
     proposals, logits = _random_level_outputs(shapes, 1, 64, seed=11)
     pre = [50, 10, 5]
     _, _, levels, nms_counts = find_top_proposals_per_level(
-        proposals, logits, [(64, 64)], 1.0, pre, [1000], False, 0.0, False
+        proposals, logits, [(64, 64)], 1.0, pre, 1000, None, 0.0, False
     )
     # IoU threshold 1.0 suppresses nothing: every level keeps exactly its pre-NMS top-k.
     assert nms_counts[0].tolist() == pre
@@ -108,14 +108,14 @@ def test_non_finite_inputs_dropped_in_inference_and_fatal_in_training():
     proposals[0][0][7, 1] = float("nan")
     ref = find_top_rpn_proposals(proposals, logits, [(10, 10)], 0.5, 1000, 1000, 0, False)
     boxes, scores, _, _ = find_top_proposals_per_level(
-        proposals, logits, [(10, 10)], 0.5, [1000], [1000], False, 0.0, False
+        proposals, logits, [(10, 10)], 0.5, [1000], 1000, None, 0.0, False
     )
     assert torch.equal(boxes[0], ref[0].proposal_boxes.tensor)
     assert torch.equal(scores[0], ref[0].objectness_logits)
     assert torch.isfinite(scores[0]).all()
     with pytest.raises(FloatingPointError):
         find_top_proposals_per_level(
-            proposals, logits, [(10, 10)], 0.5, [1000], [1000], False, 0.0, True
+            proposals, logits, [(10, 10)], 0.5, [1000], 1000, None, 0.0, True
         )
 
 
@@ -125,7 +125,7 @@ def test_tracing_generalizes_to_other_shapes():
 
     def func(proposal, logit, image_size):
         b, s, lv, _ = find_top_proposals_per_level(
-            [proposal], [logit], [image_size], 0.7, [1000], [1000], False, 0.0, False
+            [proposal], [logit], [image_size], 0.7, [1000], 1000, None, 0.0, False
         )
         return b[0], s[0], lv[0]
 
@@ -151,7 +151,7 @@ def test_scripted_equals_eager():
     scripted = torch.jit.script(find_top_proposals_per_level)
     shapes = [(8, 8, 3), (4, 4, 3)]
     proposals, logits = _random_level_outputs(shapes, 2, 32, seed=5)
-    args = (proposals, logits, [(32, 32), (30, 20)], 0.5, [40, 20], [8, 4], True, 0.0, False)
+    args = (proposals, logits, [(32, 32), (30, 20)], 0.5, [40, 20], None, [8, 4], 0.0, False)
     for got, want in zip(scripted(*args), find_top_proposals_per_level(*args)):
         if isinstance(got, list):
             assert all(torch.equal(x, y) for x, y in zip(got, want))
@@ -169,7 +169,7 @@ def test_empty_after_filtering():
     proposals = [torch.zeros(2, 6, 4)]  # all boxes empty: nothing survives min size
     logits = [torch.randn(2, 6)]
     boxes, scores, levels, nms_counts = find_top_proposals_per_level(
-        proposals, logits, [(10, 10), (10, 10)], 0.7, [10], [10], False, 0.0, False
+        proposals, logits, [(10, 10), (10, 10)], 0.7, [10], 10, None, 0.0, False
     )
     assert [len(b) for b in boxes] == [0, 0]
     assert boxes[0].shape == (0, 4) and levels[1].dtype == torch.int64
