@@ -2,12 +2,13 @@
 ``PANetMaskHead``: the mask head of PANet (Liu et al., *Path Aggregation Network for Instance
 Segmentation*), built from the pyramid idea, with two switches:
 
-- adaptive feature pooling: each ROI is pooled from every pyramid level; each level gets its
-  own first 3x3 conv and the levels are fused element-wise (max in the paper);
-- a fused fully-connected branch: from the second-to-last conv, two 3x3 convs (the second
-  halves the channels) and an fc layer predict one class-agnostic mask-logit map which is
-  added to every class's FCN logits; the fc sees the whole ROI at once, complementing the
-  FCN's local receptive field.
+- adaptive feature pooling (:class:`~fpn_plugin.mask_head.pooling.MultiLevelROIAlign`): each
+  ROI is pooled from every pyramid level; each level gets its own first 3x3 conv and the
+  levels are fused element-wise (max in the paper);
+- a fused fully-connected branch (:func:`~fpn_plugin.mask_head.layers.fused_fc_layers`): from
+  the second-to-last conv, two 3x3 convs (the second halves the channels) and an fc layer
+  predict one class-agnostic mask-logit map which is added to every class's FCN logits; the
+  fc sees the whole ROI at once, complementing the FCN's local receptive field.
 
 With both switches off it computes exactly what ``ConvUpsampleMaskHead`` computes.
 """
@@ -17,20 +18,27 @@ import torch
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.poolers import convert_boxes_to_pooler_format
-from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY, BaseMaskRCNNHead
+from detectron2.modeling.roi_heads.mask_head import (
+    ROI_MASK_HEAD_REGISTRY,
+    BaseMaskRCNNHead,
+    mask_rcnn_inference,
+    mask_rcnn_loss,
+)
 from detectron2.structures import Instances
 from torch import nn
 
+from ..layers import check_fuse_type, fuse_levels
+from ..utils.config import require_plugin_keys
 from ..utils.registry import register
-from .config import ADAPTIVE_POOLER_TYPES, LEVEL_FUSE_TYPES
-from .conv_upsample import (
-    check_mask_head_cfg,
-    conv_norm_relu,
-    mask_head_outputs,
-    mask_predictor,
-    upsample_layers,
+from .config import (
+    ADAPTIVE_POOLER_TYPES,
+    LEVEL_FUSE_TYPES,
+    add_mask_head_config,
+    check_head_args,
+    head_args_from_config,
 )
-from .pooling import fuse_levels, roi_align_all_levels
+from .layers import conv_norm_relu, fused_fc_layers, mask_predictor, upsample_layers
+from .pooling import MultiLevelROIAlign
 
 __all__ = ["PANetMaskHead"]
 
@@ -40,7 +48,15 @@ class PANetMaskHead(BaseMaskRCNNHead):
     """
     FCN mask head with PANet's adaptive multi-level pooling and fused fc branch (each
     switchable). Output: mask logits ``(B, num_classes, 2R, 2R)``, as Detectron2's head.
+
+    Parameters: ``fcn1_per_level.{l}`` (one first conv per pooled level), ``fcn_trunk`` and
+    ``fcn_tail`` (the other convs ``mask_fcn{k}``, split where the fc branch taps),
+    ``upsample.*``, ``predictor``, and with the fc branch ``fc_conv1``, ``fc_conv2``, ``fc``.
     """
+
+    in_features: List[str]
+    fuse_type: torch.jit.Final[str]
+    fused_fc: torch.jit.Final[bool]
 
     @configurable
     def __init__(
@@ -53,7 +69,7 @@ class PANetMaskHead(BaseMaskRCNNHead):
         upsample_mode: str = "deconv",
         pooler_resolution: int = 14,
         pooler_sampling_ratio: int = 0,
-        pooler_aligned: bool = True,
+        pooler_type: str = "ROIAlignV2",
         fuse_type: str = "max",
         fused_fc: bool = True,
         loss_weight: float = 1.0,
@@ -68,50 +84,62 @@ class PANetMaskHead(BaseMaskRCNNHead):
             conv_dims (list[int]): output channels of the N >= 1 3x3 convs, then of the
                 upsampling layer (so ``len(conv_dims) >= 2``).
             conv_norm (str): norm of the 3x3 convs, "" for none.
-            upsample_mode (str): "deconv", "bilinear" or "nearest".
+            upsample_mode (str): "deconv", "nearest" or "bilinear".
             pooler_resolution (int): R, side of the pooled ROI features (adaptive pooling).
             pooler_sampling_ratio (int): ROIAlign samples per bin, 0 adaptive (adaptive pooling).
-            pooler_aligned (bool): ROIAlignV2 (True) or legacy ROIAlign (adaptive pooling).
-            fuse_type (str): "max", "sum" or "mean" fusion of the per-level features.
+            pooler_type (str): "ROIAlignV2" (aligned) or "ROIAlign" (adaptive pooling).
+            fuse_type (str): "max", "sum" or "avg" ("mean") fusion of the per-level features.
             fused_fc (bool): add the fully-connected branch.
             loss_weight (float): multiplier of the mask loss.
             vis_period (int): period of mask visualisations (0: never).
+
+        Raises:
+            ValueError: on an invalid argument, naming the config key that sets it.
         """
-        super().__init__(vis_period=vis_period)
-        if len(conv_dims) < 2:
-            raise ValueError("PANetMaskHead needs at least one 3x3 conv before the upsampling")
-        if fuse_type not in LEVEL_FUSE_TYPES:
-            raise ValueError(f"fuse_type must be one of {LEVEL_FUSE_TYPES}, got {fuse_type!r}")
-        self.loss_weight = loss_weight
-        self.adaptive_pooling = isinstance(input_shape, dict)
-        if self.adaptive_pooling:
-            self.in_features = list(input_shape.keys())
-            channels_per_level = [input_shape[f].channels for f in self.in_features]
-            if len(set(channels_per_level)) != 1:
-                raise ValueError(f"all pooled levels need equal channels, got {channels_per_level}")
-            in_channels = channels_per_level[0]
-            self.scales = [1.0 / input_shape[f].stride for f in self.in_features]
-            resolution = pooler_resolution
+        super().__init__(loss_weight=loss_weight, vis_period=vis_period)
+        adaptive = isinstance(input_shape, dict)
+        resolution = pooler_resolution if adaptive else input_shape.height
+        check_head_args(
+            "PANetMaskHead (levels are fused after the first conv)", num_classes, conv_dims,
+            conv_norm, upsample_mode, resolution, min_convs=1,
+        )
+        self.fuse_type = check_fuse_type(
+            fuse_type, LEVEL_FUSE_TYPES, "MODEL.ROI_MASK_HEAD.PANET.FUSE_TYPE"
+        )
+        if pooler_type not in ADAPTIVE_POOLER_TYPES:
+            raise ValueError(
+                f"MODEL.ROI_MASK_HEAD.PANET.POOLER_TYPE must be one of {ADAPTIVE_POOLER_TYPES}, "
+                f"got {pooler_type!r}"
+            )
+        num_conv = len(conv_dims) - 1
+        # PANet taps the fc branch after the second-to-last conv (conv3 of 4).
+        tap = max(num_conv - 1, 1)
+        if fused_fc and conv_dims[tap - 1] < 2:
+            raise ValueError(
+                "MODEL.ROI_MASK_HEAD.CONV_DIM must be >= 2 with MODEL.ROI_MASK_HEAD.PANET.FUSED_FC "
+                f"(its second conv halves the channels), got {conv_dims[tap - 1]}"
+            )
+        if adaptive:
+            self.in_features = list(input_shape)
+            in_channels = _level_channels(input_shape)
+            self.pooler = MultiLevelROIAlign(
+                pooler_resolution,
+                [1.0 / input_shape[f].stride for f in self.in_features],
+                pooler_sampling_ratio,
+                aligned=pooler_type == "ROIAlignV2",
+            )
         else:
+            # One "level": the pooled input.
             self.in_features = []
             in_channels = input_shape.channels
-            self.scales = []
-            resolution = input_shape.height
-        self.pooler_resolution = resolution
-        self.pooler_sampling_ratio = pooler_sampling_ratio
-        self.pooler_aligned = pooler_aligned
-        self.fuse_type = fuse_type
+            self.pooler = None
         self.fused_fc = fused_fc
 
-        num_conv = len(conv_dims) - 1
-        # The first conv adapts each level on its own (PANet); without adaptive pooling there
-        # is one "level": the pooled input.
+        # The first conv adapts each level on its own (PANet).
         self.fcn1_per_level = nn.ModuleList(
             conv_norm_relu(in_channels, conv_dims[0], conv_norm)
             for _ in range(max(len(self.in_features), 1))
         )
-        # PANet taps the fc branch after the second-to-last conv (conv3 of 4).
-        tap = max(num_conv - 1, 1)
         self.fcn_trunk = nn.Sequential()
         self.fcn_tail = nn.Sequential()
         for k in range(1, num_conv):
@@ -123,77 +151,24 @@ class PANetMaskHead(BaseMaskRCNNHead):
         ):
             self.upsample.add_module(name, module)
         self.predictor = mask_predictor(conv_dims[-1], num_classes)
-
         if fused_fc:
-            tap_channels = conv_dims[tap - 1]
-            half = tap_channels // 2
-            if half < 1:
-                raise ValueError(f"the fused fc branch needs >= 2 channels, got {tap_channels}")
-            self.fc_conv1 = conv_norm_relu(tap_channels, tap_channels, conv_norm)
-            self.fc_conv2 = conv_norm_relu(tap_channels, half, conv_norm)
-            mask_side = 2 * resolution
-            self.fc = nn.Linear(half * resolution * resolution, mask_side * mask_side)
-            # Small init: at the start the head behaves as the plain FCN head.
-            nn.init.normal_(self.fc.weight, std=0.001)
-            nn.init.constant_(self.fc.bias, 0)
+            for name, module in fused_fc_layers(conv_dims[tap - 1], resolution, conv_norm):
+                self.add_module(name, module)
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        check_mask_head_cfg(cfg)
+        require_plugin_keys(cfg, add_mask_head_config, "PANetMaskHead")
         head = cfg.MODEL.ROI_MASK_HEAD
         panet = head.PANET
-        if head.NUM_CONV < 1:
-            raise ValueError(
-                f"MODEL.ROI_MASK_HEAD.NUM_CONV must be >= 1 for {head.NAME} (levels are fused "
-                f"after the first conv), got {head.NUM_CONV}"
-            )
-        if panet.FUSE_TYPE not in LEVEL_FUSE_TYPES:
-            raise ValueError(
-                f"MODEL.ROI_MASK_HEAD.PANET.FUSE_TYPE must be one of {LEVEL_FUSE_TYPES}, "
-                f"got {panet.FUSE_TYPE!r}"
-            )
-        if panet.POOLER_TYPE not in ADAPTIVE_POOLER_TYPES:
-            raise ValueError(
-                f"MODEL.ROI_MASK_HEAD.PANET.POOLER_TYPE must be one of {ADAPTIVE_POOLER_TYPES}, "
-                f"got {panet.POOLER_TYPE!r}"
-            )
-        if panet.FUSED_FC and head.CONV_DIM < 2:
-            raise ValueError(
-                "MODEL.ROI_MASK_HEAD.CONV_DIM must be >= 2 with MODEL.ROI_MASK_HEAD.PANET.FUSED_FC "
-                f"(its second conv halves the channels), got {head.CONV_DIM}"
-            )
-        got_levels = isinstance(input_shape, dict)
-        if panet.ADAPTIVE_POOLING and not got_levels:
-            raise ValueError(
-                "MODEL.ROI_MASK_HEAD.PANET.ADAPTIVE_POOLING=True needs "
-                "MODEL.ROI_MASK_HEAD.POOLER_TYPE='' (the head pools from every level itself), "
-                f"got {head.POOLER_TYPE!r}"
-            )
-        if not panet.ADAPTIVE_POOLING and got_levels:
-            raise ValueError(
-                "MODEL.ROI_MASK_HEAD.PANET.ADAPTIVE_POOLING=False needs a pooler: set "
-                f"MODEL.ROI_MASK_HEAD.POOLER_TYPE (e.g. 'ROIAlignV2'), got {head.POOLER_TYPE!r}"
-            )
-        if got_levels:
-            channels = {f: s.channels for f, s in input_shape.items()}
-            if len(set(channels.values())) != 1:
-                raise ValueError(
-                    f"MODEL.ROI_HEADS.IN_FEATURES must have equal channels for {head.NAME}'s "
-                    f"adaptive pooling, got {channels}"
-                )
-        return {
-            "input_shape": input_shape,
-            "num_classes": 1 if head.CLS_AGNOSTIC_MASK else cfg.MODEL.ROI_HEADS.NUM_CLASSES,
-            "conv_dims": [head.CONV_DIM] * (head.NUM_CONV + 1),
-            "conv_norm": head.NORM,
-            "upsample_mode": head.UPSAMPLE_MODE,
-            "pooler_resolution": head.POOLER_RESOLUTION,
-            "pooler_sampling_ratio": head.POOLER_SAMPLING_RATIO,
-            "pooler_aligned": panet.POOLER_TYPE == "ROIAlignV2",
-            "fuse_type": panet.FUSE_TYPE,
-            "fused_fc": panet.FUSED_FC,
-            "vis_period": cfg.VIS_PERIOD,
-        }
+        _check_pooling_keys(panet.ADAPTIVE_POOLING, head.POOLER_TYPE, input_shape)
+        return dict(
+            head_args_from_config(cfg, input_shape),
+            pooler_resolution=head.POOLER_RESOLUTION,
+            pooler_sampling_ratio=head.POOLER_SAMPLING_RATIO,
+            pooler_type=panet.POOLER_TYPE,
+            fuse_type=panet.FUSE_TYPE,
+            fused_fc=panet.FUSED_FC,
+        )
 
     def layers(self, pooled: List[torch.Tensor]) -> torch.Tensor:
         """
@@ -219,7 +194,9 @@ class PANetMaskHead(BaseMaskRCNNHead):
             logits = logits + self.fc(fc_in).reshape(-1, 1, side, side)
         return logits
 
-    def pool(self, features: Dict[str, torch.Tensor], instances: List[Instances]):
+    def pool(
+        self, features: Dict[str, torch.Tensor], instances: List[Instances]
+    ) -> List[torch.Tensor]:
         """
         Pool each instance's box (``proposal_boxes`` in training, ``pred_boxes`` in
         inference) from every level of ``features``.
@@ -227,16 +204,15 @@ class PANetMaskHead(BaseMaskRCNNHead):
         Returns:
             list[Tensor]: one ``(B, C, R, R)`` per level in ``self.in_features`` order.
         """
-        boxes = [x.proposal_boxes if self.training else x.pred_boxes for x in instances]
-        rois = convert_boxes_to_pooler_format(boxes)
-        return roi_align_all_levels(
-            [features[f] for f in self.in_features],
-            rois,
-            self.pooler_resolution,
-            self.scales,
-            self.pooler_sampling_ratio,
-            self.pooler_aligned,
-        )
+        pooler = self.pooler
+        if pooler is not None:
+            if self.training:
+                boxes = [x.proposal_boxes for x in instances]
+            else:
+                boxes = [x.pred_boxes for x in instances]
+            rois = convert_boxes_to_pooler_format(boxes)
+            return pooler([features[f] for f in self.in_features], rois)
+        raise ValueError("PANetMaskHead was built for pooled ROI features, not feature maps")
 
     def forward(self, x: Union[Dict[str, torch.Tensor], torch.Tensor], instances: List[Instances]):
         """
@@ -251,5 +227,46 @@ class PANetMaskHead(BaseMaskRCNNHead):
             ``{"loss_mask": Tensor}`` in training; in inference ``instances`` with
             ``pred_masks`` ``(Bi, 1, 2R, 2R)`` mask probabilities.
         """
-        pooled = self.pool(x, instances) if self.adaptive_pooling else [x]
-        return mask_head_outputs(self, self.layers(pooled), instances)
+        if isinstance(x, torch.Tensor):
+            logits = self.layers([x])
+        else:
+            logits = self.layers(self.pool(x, instances))
+        # BaseMaskRCNNHead.forward's two outcomes. Its forward cannot serve here: it hands
+        # `layers` no boxes to pool with, and TorchScript has no super() to call it after
+        # pooling.
+        if self.training:
+            loss = mask_rcnn_loss(logits, instances, self.vis_period)
+            return {"loss_mask": loss * self.loss_weight}
+        mask_rcnn_inference(logits, instances)
+        return instances
+
+
+def _level_channels(input_shape: Dict[str, ShapeSpec]) -> int:
+    channels = {f: s.channels for f, s in input_shape.items()}
+    if len(set(channels.values())) != 1:
+        raise ValueError(
+            "MODEL.ROI_HEADS.IN_FEATURES must have equal channels for PANetMaskHead's "
+            f"adaptive pooling, got {channels}"
+        )
+    return next(iter(channels.values()))
+
+
+def _check_pooling_keys(adaptive_pooling, pooler_type, input_shape) -> None:
+    """
+    MODEL.ROI_MASK_HEAD.PANET.ADAPTIVE_POOLING states what MODEL.ROI_MASK_HEAD.POOLER_TYPE
+    implies (no pooler: the head gets the feature maps and pools itself); the head is built
+    from what it gets, so the two keys are checked against each other here, where both are
+    read.
+    """
+    got_levels = isinstance(input_shape, dict)
+    if adaptive_pooling and not got_levels:
+        raise ValueError(
+            "MODEL.ROI_MASK_HEAD.PANET.ADAPTIVE_POOLING=True needs "
+            "MODEL.ROI_MASK_HEAD.POOLER_TYPE='' (the head pools from every level itself), "
+            f"got {pooler_type!r}"
+        )
+    if not adaptive_pooling and got_levels:
+        raise ValueError(
+            "MODEL.ROI_MASK_HEAD.PANET.ADAPTIVE_POOLING=False needs a pooler: set "
+            f"MODEL.ROI_MASK_HEAD.POOLER_TYPE (e.g. 'ROIAlignV2'), got {pooler_type!r}"
+        )

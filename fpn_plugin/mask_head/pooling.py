@@ -4,14 +4,16 @@ Multi-level ("adaptive") ROI feature pooling (PANet): pure tensor logic, no Dete
 Detectron2's ``ROIPooler`` pools each ROI from the one pyramid level its size maps to.
 Adaptive pooling pools every ROI from every level, so a small ROI also sees the coarse,
 semantically strong levels and a large one the fine, well-localised levels; the head then
-fuses the levels (after a per-level conv) with an element-wise max, sum or mean.
+fuses the levels (after a per-level conv) element-wise
+(:func:`fpn_plugin.layers.fuse_levels`).
 """
 from typing import List
 
 import torch
+from torch import nn
 from torchvision.ops import roi_align
 
-__all__ = ["roi_align_all_levels", "fuse_levels"]
+__all__ = ["roi_align_all_levels", "MultiLevelROIAlign"]
 
 
 def roi_align_all_levels(
@@ -57,27 +59,45 @@ def roi_align_all_levels(
     return pooled
 
 
-def fuse_levels(per_level: List[torch.Tensor], fuse_type: str) -> torch.Tensor:
+class MultiLevelROIAlign(nn.Module):
     """
-    Fuse same-shaped per-level ROI features element-wise.
-
-    Args:
-        per_level (list[Tensor]): L >= 1 tensors ``(M, C, R, R)``.
-        fuse_type (str): "max" (PANet), "sum" or "mean".
-
-    Returns:
-        Tensor: ``(M, C, R, R)``.
+    The adaptive pooling as a module (no parameters): :func:`roi_align_all_levels` with its
+    settings fixed at construction.
     """
-    if len(per_level) == 0:
-        raise ValueError("fuse_levels needs at least one level")
-    fused = per_level[0]
-    for x in per_level[1:]:
-        if fuse_type == "max":
-            fused = torch.max(fused, x)
-        else:
-            fused = fused + x
-    if fuse_type == "mean":
-        fused = fused / float(len(per_level))
-    elif fuse_type != "max" and fuse_type != "sum":
-        raise ValueError("fuse_type must be 'max', 'sum' or 'mean', got '" + fuse_type + "'")
-    return fused
+
+    output_size: torch.jit.Final[int]
+    sampling_ratio: torch.jit.Final[int]
+    aligned: torch.jit.Final[bool]
+
+    def __init__(self, output_size: int, scales: List[float], sampling_ratio: int, aligned: bool):
+        """
+        Args:
+            output_size (int): R, side of the pooled maps.
+            scales (list[float]): 1 / stride of each level, in the order features come.
+            sampling_ratio (int): samples per output bin (0: adaptive).
+            aligned (bool): ROIAlignV2 (True) or legacy ROIAlign (False).
+        """
+        super().__init__()
+        self.output_size = int(output_size)
+        self.scales: List[float] = [float(s) for s in scales]
+        self.sampling_ratio = int(sampling_ratio)
+        self.aligned = bool(aligned)
+
+    def forward(self, features: List[torch.Tensor], rois: torch.Tensor) -> List[torch.Tensor]:
+        """
+        Args:
+            features (list[Tensor]): L maps ``(N, C, Hl, Wl)``, in ``scales`` order.
+            rois (Tensor): ``(M, 5)`` rows ``(batch index, x0, y0, x1, y1)``.
+
+        Returns:
+            list[Tensor]: L tensors ``(M, C, R, R)``.
+        """
+        return roi_align_all_levels(
+            features, rois, self.output_size, self.scales, self.sampling_ratio, self.aligned
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"output_size={self.output_size}, scales={self.scales}, "
+            f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}"
+        )

@@ -30,6 +30,6 @@ def test_panet_config_builds_roi_heads_with_adaptive_pooling():
     head = roi_heads.mask_head
     assert isinstance(head, PANetMaskHead)
     assert head.in_features == ["p2", "p3", "p4", "p5"]
-    assert head.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
-    assert head.fused_fc and head.fuse_type == "max" and head.pooler_aligned
-    assert head.pooler_resolution == 14
+    assert head.pooler.scales == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    assert head.fused_fc and head.fuse_type == "max" and head.pooler.aligned
+    assert head.pooler.output_size == 14

@@ -4,7 +4,8 @@ import torch
 from detectron2.modeling.poolers import ROIPooler, convert_boxes_to_pooler_format
 from detectron2.structures import Boxes
 
-from fpn_plugin.mask_head.pooling import fuse_levels, roi_align_all_levels
+from fpn_plugin.layers import fuse_levels
+from fpn_plugin.mask_head.pooling import roi_align_all_levels
 
 STRIDES = [4, 8, 16, 32]
 
@@ -47,8 +48,10 @@ def test_fuse_levels_max_sum_mean():
     assert torch.allclose(fuse_levels(xs, "sum"), stacked.sum(0))
     assert torch.allclose(fuse_levels(xs, "mean"), stacked.mean(0))
     assert torch.equal(fuse_levels(xs[:1], "max"), xs[0])
-    with pytest.raises(ValueError, match="got 'avg'"):
-        fuse_levels(xs, "avg")
+    # One vocabulary for the whole plugin: "avg" (the neck's word) is "mean".
+    assert torch.equal(fuse_levels(xs, "avg"), fuse_levels(xs, "mean"))
+    with pytest.raises(ValueError, match="got 'min'"):
+        fuse_levels(xs, "min")
     with pytest.raises(ValueError, match="at least one level"):
         fuse_levels([], "max")
 
