@@ -13,6 +13,29 @@ from fpn_plugin.utils.registry import register
 
 FOUR_LEVELS = ["res2", "res3", "res4", "res5"]
 
+# Every neck variant (MODEL.FPN overrides), tested on the toy backbone by test_variants.py
+# (shapes, gradients) and test_scripting.py (TorchScript, tracing).
+VARIANTS = [
+    {},
+    {"FUSE_TYPE": "avg"},
+    {"FUSE_TYPE": "weighted"},
+    {"UPSAMPLE_MODE": "bilinear"},
+    {"BOTTOM_UP_PATH": True},
+    {"BOTTOM_UP_PATH": True, "FUSE_TYPE": "weighted", "NORM": "GN"},
+    {"TOP_BLOCK": "none"},
+    {"TOP_BLOCK": "p6p7_res5"},
+    {"TOP_BLOCK": "p6p7_p5", "BOTTOM_UP_PATH": True},
+    {"NORM": "BN"},
+    {"NORM": "SyncBN"},
+    {"NORM": "FrozenBN"},
+    {"IN_FEATURES": ["res3", "res4", "res5"], "TOP_BLOCK": "p6p7_p5"},
+    {"IN_FEATURES": ["res2", "res3", "res4"], "TOP_BLOCK": "maxpool"},
+]
+
+
+def variant_id(keys):
+    return "-".join(f"{k}={v}" for k, v in keys.items()) or "parity"
+
 
 def r50_cfg():
     """Detectron2 defaults + Base-RCNN-FPN's FPN settings, plugin keys added (defaults)."""

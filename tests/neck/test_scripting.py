@@ -1,23 +1,28 @@
 """
-The neck stays TorchScript-friendly like Detectron2's FPN: ``torch.jit.script`` (through
-``__prepare_scriptable__``, as Detectron2 does for its FPN) and ``torch.jit.trace`` give the
-eager pyramid, with input sizes other than the traced one too.
+The neck stays TorchScript-friendly like Detectron2's FPN: for every variant,
+``torch.jit.script`` (through ``__prepare_scriptable__``, as Detectron2 does for its FPN) and
+``torch.jit.trace`` give the eager pyramid, with input sizes other than the traced one too.
 """
 import copy
-import warnings
 
 import pytest
 import torch
 from detectron2.modeling import build_backbone
 from detectron2.modeling.backbone.resnet import ResNet
-from neck_testutils import padded, tiny_cfg, toy_cfg
+from jit_testutils import script, trace
+from neck_testutils import VARIANTS, padded, tiny_cfg, toy_cfg, variant_id
 from torch import nn
 
-
-def _script(model):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit's deprecation notice
-        return torch.jit.script(model)
+# Every variant, and combinations of them.
+CASES = VARIANTS + [
+    {"FUSE_TYPE": "avg", "TOP_BLOCK": "none"},
+    {"FUSE_TYPE": "weighted", "BOTTOM_UP_PATH": True, "UPSAMPLE_MODE": "bilinear",
+     "TOP_BLOCK": "p6p7_p5"},
+    {"TOP_BLOCK": "p6p7_res5", "NORM": "GN"},
+    {"IN_FEATURES": ["res5"]},
+    {"IN_FEATURES": ["res5"], "BOTTOM_UP_PATH": True, "FUSE_TYPE": "weighted"},
+]
+SIZES = [(64, 96), (96, 32)]
 
 
 def _assert_same(eager, other, x):
@@ -28,26 +33,32 @@ def _assert_same(eager, other, x):
         assert a[k].shape == b[k].shape and torch.allclose(a[k], b[k], atol=1e-5), k
 
 
-@pytest.mark.parametrize(
-    "fpn_keys",
-    [
-        {},
-        {"FUSE_TYPE": "avg", "TOP_BLOCK": "none"},
-        {"FUSE_TYPE": "weighted", "BOTTOM_UP_PATH": True, "UPSAMPLE_MODE": "bilinear",
-         "TOP_BLOCK": "p6p7_p5"},
-        {"TOP_BLOCK": "p6p7_res5", "NORM": "GN"},
-        {"IN_FEATURES": ["res5"]},
-    ],
-    ids=["parity", "avg-no-top", "panet-weighted-bilinear-p6p7", "p6p7_res5-GN", "one-level"],
-)
+@pytest.mark.parametrize("fpn_keys", CASES, ids=[variant_id(k) for k in CASES])
 def test_script_matches_eager(fpn_keys):
+    if fpn_keys.get("NORM") == "SyncBN":
+        pytest.skip("torch's nn.SyncBatchNorm cannot be scripted (it calls torch.distributed); "
+                    "deployment converts it to BatchNorm first, as for Detectron2's FPN")
     torch.manual_seed(0)
     model = build_backbone(toy_cfg(**fpn_keys)).eval()
-    scripted = _script(model)
-    for hw in [(64, 96), (96, 32)]:
+    keys = list(model.state_dict())
+    scripted = script(model)
+    for hw in SIZES:
         _assert_same(model, scripted, torch.randn(2, 3, *hw))
     # Scripting works on a copy: the eager module keeps Detectron2's parameter names.
-    assert "fpn_lateral5.weight" in model.state_dict()
+    assert list(model.state_dict()) == keys
+    assert any(k.startswith("fpn_lateral") for k in keys)
+
+
+@pytest.mark.parametrize("fpn_keys", CASES, ids=[variant_id(k) for k in CASES])
+def test_trace_matches_eager_at_other_sizes(fpn_keys):
+    torch.manual_seed(0)
+    model = build_backbone(toy_cfg(**fpn_keys)).eval()
+    # no_grad: Detectron2's FrozenBatchNorm2d branches on requires_grad, which would make
+    # the tracer's re-run check see a different graph.
+    with torch.no_grad():
+        traced = trace(model, torch.randn(2, 3, *SIZES[0]))
+    for hw in SIZES:
+        _assert_same(model, traced, torch.randn(1, 3, *hw))
 
 
 def _prepare_resnet(self):
@@ -65,16 +76,13 @@ def test_script_resnet_neck_matches_eager(monkeypatch):
         monkeypatch.setattr(ResNet, "__prepare_scriptable__", _prepare_resnet, raising=False)
     torch.manual_seed(0)
     model = build_backbone(tiny_cfg()).eval()
-    _assert_same(model, _script(model), padded([torch.randn(3, 45, 77)], 32))
+    _assert_same(model, script(model), padded([torch.randn(3, 45, 77)], 32))
 
 
 def test_trace_resnet_neck_generalizes_to_other_sizes():
     torch.manual_seed(0)
     model = build_backbone(tiny_cfg(BOTTOM_UP_PATH=True)).eval()
-    # no_grad: Detectron2's FrozenBatchNorm2d branches on requires_grad, which would make
-    # the tracer's re-run check see a different graph.
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the tracer's notes about dict outputs
-        traced = torch.jit.trace(model, torch.randn(1, 3, 32, 64), strict=False)
+    with torch.no_grad():
+        traced = trace(model, torch.randn(1, 3, 32, 64))
     _assert_same(model, traced, torch.randn(1, 3, 32, 64))
     _assert_same(model, traced, padded([torch.randn(3, 67, 29)], 32))

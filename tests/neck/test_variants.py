@@ -9,31 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from detectron2.modeling import build_backbone
-from neck_testutils import ToyBackbone, padded, tiny_cfg, toy_cfg
+from neck_testutils import VARIANTS, ToyBackbone, padded, tiny_cfg, toy_cfg, variant_id
 
 from fpn_plugin.neck import CustomFPN, WeightedFusion
-
-VARIANTS = [
-    {},
-    {"FUSE_TYPE": "avg"},
-    {"FUSE_TYPE": "weighted"},
-    {"UPSAMPLE_MODE": "bilinear"},
-    {"BOTTOM_UP_PATH": True},
-    {"BOTTOM_UP_PATH": True, "FUSE_TYPE": "weighted", "NORM": "GN"},
-    {"TOP_BLOCK": "none"},
-    {"TOP_BLOCK": "p6p7_res5"},
-    {"TOP_BLOCK": "p6p7_p5", "BOTTOM_UP_PATH": True},
-    {"NORM": "BN"},
-    {"NORM": "SyncBN"},
-    {"NORM": "FrozenBN"},
-    {"IN_FEATURES": ["res3", "res4", "res5"], "TOP_BLOCK": "p6p7_p5"},
-    {"IN_FEATURES": ["res2", "res3", "res4"], "TOP_BLOCK": "maxpool"},
-]
-
-
-def _variant_id(keys):
-    return "-".join(f"{k}={v}" for k, v in keys.items()) or "parity"
-
 
 def _expected_levels(cfg):
     first = int(cfg.MODEL.FPN.IN_FEATURES[0][-1])
@@ -51,7 +29,7 @@ CASES = [("toy", keys) for keys in VARIANTS] + [
 
 
 @pytest.mark.parametrize(
-    "backbone, fpn_keys", CASES, ids=[f"{b}-{_variant_id(k)}" for b, k in CASES]
+    "backbone, fpn_keys", CASES, ids=[f"{b}-{variant_id(k)}" for b, k in CASES]
 )
 def test_variant_forward_backward_shapes_and_gradients(backbone, fpn_keys):
     if backbone == "toy":

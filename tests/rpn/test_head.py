@@ -4,7 +4,14 @@ import torch
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.proposal_generator.rpn import RPN_HEAD_REGISTRY, StandardRPNHead
 
-from fpn_plugin.rpn.head import PerLevelRPNHead
+from jit_testutils import trace
+
+from fpn_plugin.rpn.head import (
+    PerLevelRPNHead,
+    SharedConvGroupedRPNHead,
+    SharedRPNHead,
+    UnsharedRPNHead,
+)
 
 
 def _features(channels, sizes=((12, 16), (6, 8), (3, 4), (2, 2), (1, 1)), n=2, seed=0):
@@ -91,22 +98,42 @@ def test_norm_and_depth():
     assert logits[0].shape[1] == 3 and deltas[4].shape[1] == 12
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        dict(in_channels=8, num_anchors=3),
-        dict(in_channels=8, num_anchors=[3, 3, 3, 3, 5]),
+# One case per layout (shared, shared convs with grouped predictors, unshared), and depth/norm.
+LAYOUTS = {
+    "shared": (dict(in_channels=8, num_anchors=3), SharedRPNHead),
+    "grouped": (dict(in_channels=8, num_anchors=[3, 3, 3, 3, 5]), SharedConvGroupedRPNHead),
+    "unshared": (
         dict(in_channels=[8, 16, 16, 4, 4], num_anchors=[3, 3, 3, 5, 5], shared=False),
-        dict(in_channels=32, num_anchors=3, conv_dims=[-1, -1], norm="GN"),
-    ],
-)
-def test_scripted_head_equals_eager(kwargs):
+        UnsharedRPNHead,
+    ),
+    "shared-GN-2convs": (
+        dict(in_channels=32, num_anchors=3, conv_dims=[-1, -1], norm="GN"), SharedRPNHead
+    ),
+}
+
+
+@pytest.mark.parametrize("kwargs, layout", LAYOUTS.values(), ids=list(LAYOUTS))
+def test_scripted_head_equals_eager(kwargs, layout):
     head = PerLevelRPNHead(**kwargs).eval()
+    assert type(head) is layout
     scripted = torch.jit.script(head)
     feats = _features(kwargs["in_channels"])
     for got, want in zip(scripted(feats), head(feats)):
         for g, w in zip(got, want):
             assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("kwargs, layout", LAYOUTS.values(), ids=list(LAYOUTS))
+def test_traced_head_equals_eager_at_other_sizes(kwargs, layout):
+    head = PerLevelRPNHead(**kwargs).eval()
+    traced = trace(head, (_features(kwargs["in_channels"]),))
+    other_sizes = ((20, 8), (10, 4), (5, 2), (3, 1), (2, 1))
+    for feats in (_features(kwargs["in_channels"], seed=1),
+                  _features(kwargs["in_channels"], sizes=other_sizes, n=1, seed=2)):
+        for got, want in zip(traced(feats), head(feats)):
+            assert len(got) == len(want) == 5
+            for g, w in zip(got, want):
+                assert torch.equal(g, w)
 
 
 def test_config_errors_name_the_key(fpn_cfg, fpn_shapes):

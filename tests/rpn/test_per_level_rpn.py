@@ -8,6 +8,8 @@ from detectron2.modeling.proposal_generator import RPN, build_proposal_generator
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 
+from jit_testutils import scripting_with_instances, trace
+
 from fpn_plugin import add_fpn_plugin_config
 from fpn_plugin.rpn import PerLevelRPN
 
@@ -246,40 +248,12 @@ def test_per_level_topk_lists_reach_the_module(fpn_cfg, fpn_shapes):
     assert rpn.post_nms_topk == {True: None, False: None}  # no per-image limit on top
 
 
-def _scripting_with_instances():
-    """Detectron2's ``scripting_with_instances``; on v0.6, whose ``detectron2.export`` package
-    imports caffe2 (gone from modern torch), its same-named helpers are loaded from
-    ``export/torchscript_patch.py`` directly (that file imports nothing from caffe2)."""
-    try:
-        from detectron2.export import scripting_with_instances
-
-        return scripting_with_instances
-    except ImportError:
-        pass
-    import contextlib
-    import importlib.util
-    import os
-    import sys
-
-    import detectron2
-
-    path = os.path.join(os.path.dirname(detectron2.__file__), "export", "torchscript_patch.py")
-    spec = importlib.util.spec_from_file_location("_fpn_plugin_d2_torchscript_patch", path)
-    patch = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = patch  # patch_instances looks itself up there
-    spec.loader.exec_module(patch)
-
-    def scripting_with_instances(model, fields):
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(patch.freeze_training_mode(model))
-            stack.enter_context(patch.patch_instances(fields))
-            return torch.jit.script(model)
-
-    return scripting_with_instances
+# Each head layout and post-NMS top-k mode once.
+JIT_LAYOUTS = ["c4_default", "fpn_unshared_per_level", "fpn_grouped_per_image"]
 
 
-@pytest.mark.parametrize("layout", ["c4_default", "fpn_unshared_per_level"])
-def test_scripted_rpn_equals_eager(layout):
+def _jit_rpn(layout):
+    """An eval-mode PerLevelRPN with random weights, and its backbone shapes."""
     cfg = _use_plugin(get_cfg())
     add_fpn_plugin_config(cfg)
     if layout == "c4_default":  # upstream's test_rpn_scriptability case
@@ -291,25 +265,80 @@ def test_scripted_rpn_equals_eager(layout):
         cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [[0.5, 1.0, 2.0]] * 4 + [
             [0.25, 0.5, 1.0, 2.0, 4.0]
         ]
-        cfg.MODEL.RPN.SHARED_HEAD = False
-        cfg.MODEL.RPN.POST_NMS_TOPK_MODE = "per_level"
         cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 40
+        if layout == "fpn_unshared_per_level":
+            cfg.MODEL.RPN.SHARED_HEAD = False
+            cfg.MODEL.RPN.POST_NMS_TOPK_MODE = "per_level"
     rpn = build_proposal_generator(cfg, shapes).eval()
     _randomize(rpn, seed=0)
-    images = ImageList(torch.rand(2, 3, 64, 64), [(64, 64), (50, 60)])
-    g = torch.Generator().manual_seed(0)
-    features = {
-        k: torch.rand(2, s.channels, 64 // s.stride + 1, 64 // s.stride + 1, generator=g)
+    return rpn, shapes
+
+
+def _jit_features(shapes, hw, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        k: torch.rand(2, s.channels, -(-hw[0] // s.stride), -(-hw[1] // s.stride), generator=g)
         for k, s in shapes.items()
     }
+
+
+@pytest.mark.parametrize("layout", JIT_LAYOUTS)
+def test_scripted_rpn_equals_eager(layout):
+    rpn, shapes = _jit_rpn(layout)
+    images = ImageList(torch.rand(2, 3, 64, 64), [(64, 64), (50, 60)])
+    features = _jit_features(shapes, (65, 65))
     fields = {
         "proposal_boxes": Boxes,
         "objectness_logits": torch.Tensor,
         "proposal_levels": torch.Tensor,
     }
-    scripted = _scripting_with_instances()(rpn, fields)
+    scripted = scripting_with_instances(rpn, fields)
     for p, q in zip(rpn(images, features)[0], scripted(images, features)[0]):
         assert len(p) > 0
         assert torch.equal(p.proposal_boxes.tensor, q.proposal_boxes.tensor)
         assert torch.equal(p.objectness_logits, q.objectness_logits)
         assert torch.equal(p.proposal_levels, q.proposal_levels)
+
+
+class _ProposalTensors(torch.nn.Module):
+    """The RPN with tensors in and out (what tracing needs): image sizes as an (N, 2) tensor,
+    as in a traced Detectron2 model, so they are inputs of the trace, not constants."""
+
+    def __init__(self, rpn, names):
+        super().__init__()
+        self.rpn = rpn
+        self.names = names
+
+    def forward(self, images, image_sizes, *features):
+        sizes = [image_sizes[i] for i in range(image_sizes.shape[0])]
+        proposals, _ = self.rpn(ImageList(images, sizes), dict(zip(self.names, features)))
+        return (
+            [p.proposal_boxes.tensor for p in proposals],
+            [p.objectness_logits for p in proposals],
+            [p.proposal_levels for p in proposals],
+        )
+
+
+@pytest.mark.parametrize("layout", JIT_LAYOUTS)
+def test_traced_rpn_equals_eager_at_other_sizes(layout):
+    rpn, shapes = _jit_rpn(layout)
+    wrapper = _ProposalTensors(rpn, list(shapes))
+
+    def inputs(hw, seed):
+        sizes = torch.tensor([hw, (hw[0] - 10, hw[1] - 4)])
+        images = torch.rand(2, 3, *hw, generator=torch.Generator().manual_seed(seed))
+        return (images, sizes) + tuple(_jit_features(shapes, hw, seed).values())
+
+    with torch.no_grad():
+        traced = trace(wrapper, inputs((64, 64), 0))
+        for hw, seed in (((64, 64), 1), ((64, 128), 2)):
+            args = inputs(hw, seed)
+            eager = wrapper(*args)
+            # Tensor image sizes select what plain (h, w) tuples select.
+            plain = rpn(ImageList(args[0], [tuple(s) for s in args[1].tolist()]),
+                        dict(zip(shapes, args[2:])))[0]
+            for boxes, ref in zip(eager[0], plain):
+                assert len(boxes) > 0
+                assert torch.equal(boxes, ref.proposal_boxes.tensor)
+            for got, want in zip(traced(*args), eager):  # boxes, logits, levels
+                assert all(torch.equal(g, w) for g, w in zip(got, want))

@@ -85,6 +85,21 @@ def test_per_level_mode_equals_each_level_processed_alone():
             assert int(mine.sum()) == min(post[i], int(nms_counts[n, i]))
 
 
+def test_per_level_and_per_image_limits_together():
+    # Two arguments, one meaning each: the per-level limits apply first, then the per-image one
+    # keeps the best of what is left.
+    shapes = [(16, 16, 3), (8, 8, 3), (4, 4, 3)]
+    sizes = [(64, 64), (60, 50)]
+    proposals, logits = _random_level_outputs(shapes, 2, 64, seed=9)
+    args = (proposals, logits, sizes, 0.6, [200, 100, 40])
+    per_level = find_top_proposals_per_level(*args, None, [30, 10, 5], 1.0, False)
+    both = find_top_proposals_per_level(*args, 20, [30, 10, 5], 1.0, False)
+    for n in range(2):
+        assert len(per_level[0][n]) > 20
+        for got, want in zip(both[:3], per_level[:3]):
+            assert torch.equal(got[n], want[n][:20])
+
+
 def test_per_level_pre_nms_topk_lists():
     shapes = [(16, 16, 3), (8, 8, 3), (4, 4, 3)]
     proposals, logits = _random_level_outputs(shapes, 1, 64, seed=11)
@@ -119,13 +134,15 @@ def test_non_finite_inputs_dropped_in_inference_and_fatal_in_training():
         )
 
 
-def test_tracing_generalizes_to_other_shapes():
-    # Ported from Detectron2's test_find_rpn_proposals_tracing.
+@pytest.mark.parametrize("post, post_per_level", [(1000, None), (None, [300])],
+                         ids=["per_image", "per_level"])
+def test_tracing_generalizes_to_other_shapes(post, post_per_level):
+    # Ported from Detectron2's test_find_rpn_proposals_tracing; both post-NMS top-k modes.
     n, a = 3, 9
 
     def func(proposal, logit, image_size):
         b, s, lv, _ = find_top_proposals_per_level(
-            [proposal], [logit], [image_size], 0.7, [1000], 1000, None, 0.0, False
+            [proposal], [logit], [image_size], 0.7, [1000], post, post_per_level, 0.0, False
         )
         return b[0], s[0], lv[0]
 
@@ -147,11 +164,14 @@ def test_tracing_generalizes_to_other_shapes():
             assert torch.equal(got, want)
 
 
-def test_scripted_equals_eager():
+@pytest.mark.parametrize("post, post_per_level", [(None, [8, 4]), (10, None), (10, [8, 4])],
+                         ids=["per_level", "per_image", "both"])
+def test_scripted_equals_eager(post, post_per_level):
     scripted = torch.jit.script(find_top_proposals_per_level)
     shapes = [(8, 8, 3), (4, 4, 3)]
     proposals, logits = _random_level_outputs(shapes, 2, 32, seed=5)
-    args = (proposals, logits, [(32, 32), (30, 20)], 0.5, [40, 20], None, [8, 4], 0.0, False)
+    args = (proposals, logits, [(32, 32), (30, 20)], 0.5, [40, 20], post, post_per_level, 0.0,
+            False)
     for got, want in zip(scripted(*args), find_top_proposals_per_level(*args)):
         if isinstance(got, list):
             assert all(torch.equal(x, y) for x, y in zip(got, want))
