@@ -19,6 +19,7 @@ __all__ = [
     "check_fuse_type",
     "canonical_fuse_type",
     "fuse_levels",
+    "ElementwiseFusion",
     "SumFusion",
     "AvgFusion",
     "MaxFusion",
@@ -91,49 +92,53 @@ def fuse_levels(inputs: List[Tensor], fuse_type: str) -> Tensor:
     return fused
 
 
-class SumFusion(nn.Module):
-    """Element-wise sum of the inputs (Detectron2's ``fuse_type="sum"``)."""
+class ElementwiseFusion(nn.Module):
+    """Parameter-free fusion (:func:`fuse_levels`) as a fusion module."""
+
+    fuse_type: torch.jit.Final[str]
+
+    def __init__(self, fuse_type: str):
+        """
+        Args:
+            fuse_type (str): "sum", "avg" ("mean") or "max".
+        """
+        super().__init__()
+        self.fuse_type = canonical_fuse_type(fuse_type)
 
     def forward(self, inputs: List[Tensor], node: int) -> Tensor:
         """
         Args:
-            inputs (list[Tensor]): maps of one shape `(N, C, H, W)`, summed in list order.
+            inputs (list[Tensor]): maps of one shape `(N, C, H, W)`, combined in list order.
             node (int): index of the fusion node (unused: no per-node state).
 
         Returns:
             Tensor: `(N, C, H, W)`.
         """
-        return fuse_levels(inputs, "sum")
+        return fuse_levels(inputs, self.fuse_type)
+
+    def extra_repr(self) -> str:
+        return f"fuse_type={self.fuse_type!r}"
 
 
-class AvgFusion(nn.Module):
+class SumFusion(ElementwiseFusion):
+    """Element-wise sum of the inputs (Detectron2's ``fuse_type="sum"``)."""
+
+    def __init__(self):
+        super().__init__("sum")
+
+
+class AvgFusion(ElementwiseFusion):
     """Element-wise mean of the inputs (Detectron2's ``fuse_type="avg"``: sum, then divide)."""
 
-    def forward(self, inputs: List[Tensor], node: int) -> Tensor:
-        """
-        Args:
-            inputs (list[Tensor]): maps of one shape `(N, C, H, W)`.
-            node (int): index of the fusion node (unused).
-
-        Returns:
-            Tensor: `(N, C, H, W)`, the sum divided by ``len(inputs)``.
-        """
-        return fuse_levels(inputs, "avg")
+    def __init__(self):
+        super().__init__("avg")
 
 
-class MaxFusion(nn.Module):
+class MaxFusion(ElementwiseFusion):
     """Element-wise maximum of the inputs (PANet's fusion of pooled ROI levels)."""
 
-    def forward(self, inputs: List[Tensor], node: int) -> Tensor:
-        """
-        Args:
-            inputs (list[Tensor]): maps of one shape `(N, C, H, W)`.
-            node (int): index of the fusion node (unused).
-
-        Returns:
-            Tensor: `(N, C, H, W)`.
-        """
-        return fuse_levels(inputs, "max")
+    def __init__(self):
+        super().__init__("max")
 
 
 class WeightedFusion(nn.Module):

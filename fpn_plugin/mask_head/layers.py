@@ -22,7 +22,9 @@ __all__ = [
 NamedModules = List[Tuple[str, nn.Module]]
 
 
-def conv_norm_relu(in_channels: int, out_channels: int, norm: str = "", init: bool = True) -> Conv2d:
+def conv_norm_relu(
+    in_channels: int, out_channels: int, norm: str = "", init: bool = True
+) -> Conv2d:
     """
     3x3 stride-1 conv (bias only without norm), optional norm, ReLU:
     `(B, in_channels, R, R)` -> `(B, out_channels, R, R)`.

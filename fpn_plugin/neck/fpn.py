@@ -108,22 +108,18 @@ class CustomFPN(Backbone):
 
         # Lateral/output convs exactly as Detectron2's FPN: names, bias rule, init, and the
         # creation order (the random-number order of a fresh build).
-        lateral_convs = []
-        output_convs = []
-        for channels, stage in zip(in_channels, stages):
-            lateral_conv = Conv2d(
-                channels, out_channels, kernel_size=1, bias=not norm,
-                norm=get_norm(norm, out_channels),
-            )
-            output_conv = conv3x3(out_channels, out_channels, norm)
-            weight_init.c2_xavier_fill(lateral_conv)
-            weight_init.c2_xavier_fill(output_conv)
-            self.add_module(f"fpn_lateral{stage}", lateral_conv)
-            self.add_module(f"fpn_output{stage}", output_conv)
-            lateral_convs.append(lateral_conv)
-            output_convs.append(output_conv)
-        # Plain lists (not ModuleList) keep Detectron2's state-dict keys; top-down order
-        # (low to high resolution).
+        lateral_convs, output_convs = self._add_level_conv_pairs(
+            stages,
+            lambda level: (
+                Conv2d(
+                    in_channels[level], out_channels, kernel_size=1, bias=not norm,
+                    norm=get_norm(norm, out_channels),
+                ),
+                conv3x3(out_channels, out_channels, norm),
+            ),
+            ("fpn_lateral", "fpn_output"),
+        )
+        # Top-down order (low to high resolution).
         self.lateral_convs = lateral_convs[::-1]
         self.output_convs = output_convs[::-1]
         self.top_block = top_block
@@ -232,6 +228,29 @@ class CustomFPN(Backbone):
                     )
                     results.insert(0, output_conv(prev_features))
         return results
+
+    def _add_level_conv_pairs(
+        self, stages: List[int], make_pair, prefixes: Tuple[str, str]
+    ) -> Tuple[List[nn.Module], List[nn.Module]]:
+        """
+        Per level, the two convs ``make_pair(level index)`` creates, Xavier-initialised after
+        both exist and registered as ``{prefix}{stage}`` (Detectron2's FPN order and names).
+
+        Returns:
+            The two lists of convs, high to low resolution: plain lists, not ModuleLists, so
+            the state-dict keys stay ``{prefix}{stage}.*`` (``__prepare_scriptable__`` turns
+            them into ModuleLists for TorchScript).
+        """
+        firsts, seconds = [], []
+        for level, stage in enumerate(stages):
+            first, second = make_pair(level)
+            weight_init.c2_xavier_fill(first)
+            weight_init.c2_xavier_fill(second)
+            self.add_module(f"{prefixes[0]}{stage}", first)
+            self.add_module(f"{prefixes[1]}{stage}", second)
+            firsts.append(first)
+            seconds.append(second)
+        return firsts, seconds
 
     def _make_extra_pathways(
         self, stages: List[int], out_channels: int, norm, fuse_type: str, eps: float

@@ -10,7 +10,6 @@ constructor, same config keys).
 """
 from typing import List
 
-import fvcore.nn.weight_init as weight_init
 from torch import Tensor
 
 from ..layers import build_fusion, conv3x3
@@ -34,21 +33,18 @@ class PAFPN(CustomFPN):
     )
 
     def _make_extra_pathways(self, stages, out_channels, norm, fuse_type, eps):
-        down_convs = []
-        out_convs = []
-        for stage in stages[1:]:
-            down = conv3x3(out_channels, out_channels, norm, stride=2)
-            out = conv3x3(out_channels, out_channels, norm)
-            weight_init.c2_xavier_fill(down)
-            weight_init.c2_xavier_fill(out)
-            self.add_module(f"pan_downsample{stage}", down)
-            self.add_module(f"pan_output{stage}", out)
-            down_convs.append(down)
-            out_convs.append(out)
-        # High to low resolution (the bottom-up direction); plain lists, as CustomFPN's.
-        self.pan_downsample_convs = down_convs
-        self.pan_output_convs = out_convs
-        self.pan_fusion = build_fusion(fuse_type, len(stages) - 1, 2, eps) if len(stages) > 1 else None
+        # High to low resolution (the bottom-up direction), from the second input level on.
+        self.pan_downsample_convs, self.pan_output_convs = self._add_level_conv_pairs(
+            stages[1:],
+            lambda level: (
+                conv3x3(out_channels, out_channels, norm, stride=2),
+                conv3x3(out_channels, out_channels, norm),
+            ),
+            ("pan_downsample", "pan_output"),
+        )
+        self.pan_fusion = (
+            build_fusion(fuse_type, len(stages) - 1, 2, eps) if len(stages) > 1 else None
+        )
 
     def _extra_pathways(self, levels: List[Tensor]) -> List[Tensor]:
         """

@@ -22,7 +22,7 @@ __all__ = [
     "add_rpn_config",
     "POST_NMS_TOPK_MODES",
     "per_level_ints",
-    "check_anchor_params",
+    "check_anchor_keys",
     "anchor_generator_from_config",
 ]
 
@@ -96,20 +96,22 @@ def _broadcast_len(value, key: str) -> int:
     return len(value)
 
 
-def check_anchor_params(sizes, aspect_ratios, num_levels: int, in_features: List[str]):
+def check_anchor_keys(cfg, num_levels: int) -> None:
     """
-    Raise ``ValueError`` unless anchor sizes and aspect ratios give one entry per level (or
-    one for all), Detectron2's broadcast rule; its anchor generator only asserts it.
+    Raise ``ValueError`` unless MODEL.ANCHOR_GENERATOR.SIZES and ASPECT_RATIOS give one entry
+    per level of MODEL.RPN.IN_FEATURES (``num_levels``), or one for all: Detectron2's
+    broadcast rule, which its anchor generator only asserts.
     """
+    in_features = list(cfg.MODEL.RPN.IN_FEATURES)
     for key, value in (
-        ("MODEL.ANCHOR_GENERATOR.SIZES", sizes),
-        ("MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", aspect_ratios),
+        ("MODEL.ANCHOR_GENERATOR.SIZES", cfg.MODEL.ANCHOR_GENERATOR.SIZES),
+        ("MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS", cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS),
     ):
         n = _broadcast_len(value, key)
         if n not in (1, num_levels):
             raise ValueError(
                 f"{key} = {list(value)} has {n} per-level lists but MODEL.RPN.IN_FEATURES "
-                f"{list(in_features)} has {num_levels} levels; give {num_levels} lists or one "
+                f"{in_features} has {num_levels} levels; give {num_levels} lists or one "
                 "list used on every level"
             )
 
@@ -117,13 +119,7 @@ def check_anchor_params(sizes, aspect_ratios, num_levels: int, in_features: List
 def anchor_generator_from_config(cfg, input_shape):
     """
     Detectron2's anchor generator for ``input_shape`` (one ShapeSpec per level of
-    MODEL.RPN.IN_FEATURES), after the check that turns a per-level mismatch of
-    MODEL.ANCHOR_GENERATOR.SIZES / ASPECT_RATIOS into a ``ValueError`` naming the key.
+    MODEL.RPN.IN_FEATURES), once :func:`check_anchor_keys` has passed.
     """
-    check_anchor_params(
-        cfg.MODEL.ANCHOR_GENERATOR.SIZES,
-        cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS,
-        len(input_shape),
-        list(cfg.MODEL.RPN.IN_FEATURES),
-    )
+    check_anchor_keys(cfg, len(input_shape))
     return build_anchor_generator(cfg, input_shape)

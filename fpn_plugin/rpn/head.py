@@ -183,14 +183,7 @@ class SharedConvGroupedRPNHead(nn.Module):
         _init_weights_(self)
 
     def forward(self, features: List[torch.Tensor]) -> Logits:
-        """
-        Args:
-            features (list[Tensor]): ``num_levels`` maps, level i of shape (N, C, Hi, Wi).
-
-        Returns:
-            list[Tensor]: L tensors, level i (N, Ai, Hi, Wi): objectness logits.
-            list[Tensor]: L tensors, level i (N, Ai*B, Hi, Wi): anchor deltas.
-        """
+        """As :meth:`UnsharedRPNHead.forward` (levels of equal channels)."""
         _check_num_levels(len(features), self.num_levels)
         hidden = [self.conv(x) for x in features]
         by_level_logits: Dict[int, torch.Tensor] = {}

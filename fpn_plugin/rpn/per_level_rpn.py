@@ -18,7 +18,7 @@ from detectron2.utils.events import get_event_storage
 
 from ..utils.config import require_plugin_keys
 from ..utils.registry import register
-from .config import POST_NMS_TOPK_MODES, add_rpn_config, check_anchor_params, per_level_ints
+from .config import POST_NMS_TOPK_MODES, add_rpn_config, check_anchor_keys, per_level_ints
 from .postprocess import find_top_proposals_per_level
 
 __all__ = ["PerLevelRPN"]
@@ -87,10 +87,7 @@ class PerLevelRPN(RPN):
                 "(use RRPN for rotated ones)"
             )
         num_levels = len(in_features)
-        self.pre_nms_topk = {
-            training: per_level_ints(k, num_levels, _topk_key("PRE", phase, k))
-            for training, phase, k in zip((True, False), _PHASES, pre_nms_topk)
-        }
+        self.pre_nms_topk = _per_level_by_phase("PRE", pre_nms_topk, num_levels)
         for phase, k in zip(_PHASES, post_nms_topk):
             if k is None and post_nms_topk_per_level is None:
                 raise ValueError(
@@ -98,14 +95,15 @@ class PerLevelRPN(RPN):
                     "needs post_nms_topk_per_level"
                 )
             if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k <= 0):
-                raise ValueError(f"MODEL.RPN.POST_NMS_TOPK_{phase} must be a positive int, got {k!r}")
+                raise ValueError(
+                    f"MODEL.RPN.POST_NMS_TOPK_{phase} must be a positive int, got {k!r}"
+                )
         self.post_nms_topk = {True: post_nms_topk[0], False: post_nms_topk[1]}
         self.post_nms_topk_per_level = None
         if post_nms_topk_per_level is not None:
-            self.post_nms_topk_per_level = {
-                training: per_level_ints(k, num_levels, _topk_key("POST", phase, k))
-                for training, phase, k in zip((True, False), _PHASES, post_nms_topk_per_level)
-            }
+            self.post_nms_topk_per_level = _per_level_by_phase(
+                "POST", post_nms_topk_per_level, num_levels
+            )
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
@@ -119,12 +117,7 @@ class PerLevelRPN(RPN):
                 f"{sorted(input_shape)}; unknown: {missing}"
             )
         # Before Detectron2's RPN.from_config builds the anchor generator, which only asserts.
-        check_anchor_params(
-            cfg.MODEL.ANCHOR_GENERATOR.SIZES,
-            cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS,
-            len(in_features),
-            in_features,
-        )
+        check_anchor_keys(cfg, len(in_features))
         ret = super().from_config(cfg, input_shape)
         # An empty *_PER_LEVEL list means "the int key on every level".
         ret["pre_nms_topk"] = tuple(
@@ -221,10 +214,18 @@ class PerLevelRPN(RPN):
             storage.put_scalar(f"rpn/num_proposals_{name}", kept)
 
 
-def _topk_key(stage: str, phase: str, value) -> str:
-    """The key that set a top-k value: the *_PER_LEVEL list key for a list, else the int key."""
-    key = f"MODEL.RPN.{stage}_NMS_TOPK_{phase}"
-    return key if isinstance(value, int) else key + "_PER_LEVEL"
+def _per_level_by_phase(stage: str, values, num_levels: int) -> Dict[bool, List[int]]:
+    """
+    ``{training: per-level ints}`` from (train, test) top-k values, each an int or a list;
+    errors name the key that set the value (the *_PER_LEVEL key for a list).
+    """
+    out = {}
+    for training, phase, value in zip((True, False), _PHASES, values):
+        key = f"MODEL.RPN.{stage}_NMS_TOPK_{phase}"
+        out[training] = per_level_ints(
+            value, num_levels, key if isinstance(value, int) else key + "_PER_LEVEL"
+        )
+    return out
 
 
 def _post_nms_topk_args(rpn) -> Dict[str, object]:

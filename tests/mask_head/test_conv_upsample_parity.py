@@ -7,7 +7,14 @@ import torch
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads.mask_head import build_mask_head
 from detectron2.utils.events import EventStorage
-from mask_head_testutils import BOXES, inference_instances, mask_cfg, randomize_, training_instances
+from mask_head_testutils import (
+    BOXES,
+    HeadLayers,
+    inference_instances,
+    mask_cfg,
+    randomize_,
+    training_instances,
+)
 
 IN_SHAPE = ShapeSpec(channels=8, height=7, width=7)
 
@@ -151,14 +158,6 @@ def test_layers_trace_matches_eager():
     _, ours = _pair(False)
     x = _features(3)
 
-    class Layers(torch.nn.Module):
-        def __init__(self, head):
-            super().__init__()
-            self.head = head
-
-        def forward(self, x):
-            return self.head.layers(x)
-
-    traced = torch.jit.trace(Layers(ours).eval(), (x,))
+    traced = torch.jit.trace(HeadLayers(ours).eval(), (x,))
     x2 = _features(6, seed=3)
     assert torch.equal(traced(x2), ours.layers(x2))

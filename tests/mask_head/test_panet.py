@@ -8,6 +8,7 @@ from detectron2.modeling.roi_heads.mask_head import build_mask_head
 from detectron2.utils.events import EventStorage
 from mask_head_testutils import (
     BOXES,
+    HeadLayers,
     inference_instances,
     mask_cfg,
     randomize_,
@@ -153,14 +154,6 @@ def test_layers_trace_matches_eager():
     panet = _panet(LEVELS, POOLER_TYPE="").eval()
     pooled = panet.pool(_pyramid(), inference_instances(BOXES, num_classes=3))
 
-    class Layers(torch.nn.Module):
-        def __init__(self, head):
-            super().__init__()
-            self.head = head
-
-        def forward(self, a, b, c, d):
-            return self.head.layers([a, b, c, d])
-
-    traced = torch.jit.trace(Layers(panet), tuple(pooled))
+    traced = torch.jit.trace(HeadLayers(panet), (pooled,))
     other = panet.pool(_pyramid(seed=4), inference_instances(BOXES, num_classes=3))
-    assert torch.equal(traced(*other), panet.layers(other))
+    assert torch.equal(traced(other), panet.layers(other))

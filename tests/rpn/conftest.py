@@ -38,6 +38,20 @@ def _fpn_features(image_hw, num_images=2, channels=8, seed=0):
     }
 
 
+def _set_key(cfg, dotted_key, value):
+    """``cfg.<dotted_key> = value``, bypassing yacs' type check (tests set bad values too)."""
+    node = cfg
+    *parents, leaf = dotted_key.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+
+
+@pytest.fixture
+def set_key():
+    return _set_key
+
+
 @pytest.fixture
 def fpn_cfg():
     return _fpn_cfg

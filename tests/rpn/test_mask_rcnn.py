@@ -106,15 +106,11 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_trains_with_finite_decreasing_losses_and_per_level_metrics(variant):
+def test_trains_with_finite_decreasing_losses_and_per_level_metrics(variant, set_key):
     # The whole plugin: its neck (Detectron2-equivalent defaults) under the per-level RPN.
     cfg = _tiny_cfg(backbone="build_resnet_custom_fpn_backbone")
     for key, value in VARIANTS[variant].items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+        set_key(cfg, key, value)
     torch.manual_seed(0)
     model = build_model(cfg).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

@@ -225,14 +225,12 @@ BAD_CONFIGS = [
 
 
 @pytest.mark.parametrize("overrides, message", BAD_CONFIGS)
-def test_bad_config_raises_value_error_naming_the_key(overrides, message, fpn_cfg, fpn_shapes):
+def test_bad_config_raises_value_error_naming_the_key(
+    overrides, message, fpn_cfg, fpn_shapes, set_key
+):
     cfg = _use_plugin(fpn_cfg())
     for k, v in overrides.items():
-        node = cfg
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
+        set_key(cfg, k, v)
     with pytest.raises(ValueError, match=message):
         _build(cfg, fpn_shapes(8))
 
