@@ -13,6 +13,7 @@ from ..layers import align_corners, conv3x3
 
 __all__ = [
     "conv_norm_relu",
+    "mask_fcn_convs",
     "upsample_layers",
     "mask_predictor",
     "init_mask_predictor_",
@@ -36,6 +37,18 @@ def conv_norm_relu(
     if init:
         weight_init.c2_msra_fill(conv)
     return conv
+
+
+def mask_fcn_convs(conv_dims: List[int], first: int, end: int, norm: str = "") -> nn.Sequential:
+    """
+    The FCN's 3x3 convs ``mask_fcn{k + 1}`` for ``k`` in ``[first, end)``, conv k taking
+    ``conv_dims[k - 1]`` channels to ``conv_dims[k]`` (created and MSRA-initialised in order),
+    as one Sequential; empty when ``end <= first``.
+    """
+    convs = nn.Sequential()
+    for k in range(first, end):
+        convs.add_module(f"mask_fcn{k + 1}", conv_norm_relu(conv_dims[k - 1], conv_dims[k], norm))
+    return convs
 
 
 def upsample_layers(

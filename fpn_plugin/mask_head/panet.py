@@ -12,6 +12,7 @@ Segmentation*), built from the pyramid idea, with two switches:
 
 With both switches off it computes exactly what ``ConvUpsampleMaskHead`` computes.
 """
+from collections import OrderedDict
 from typing import Dict, List, Union
 
 import torch
@@ -37,7 +38,13 @@ from .config import (
     check_head_args,
     head_args_from_config,
 )
-from .layers import conv_norm_relu, fused_fc_layers, mask_predictor, upsample_layers
+from .layers import (
+    conv_norm_relu,
+    fused_fc_layers,
+    mask_fcn_convs,
+    mask_predictor,
+    upsample_layers,
+)
 from .pooling import MultiLevelROIAlign
 
 __all__ = ["PANetMaskHead"]
@@ -99,26 +106,11 @@ class PANetMaskHead(BaseMaskRCNNHead):
         super().__init__(loss_weight=loss_weight, vis_period=vis_period)
         adaptive = isinstance(input_shape, dict)
         resolution = pooler_resolution if adaptive else input_shape.height
-        check_head_args(
-            "PANetMaskHead (levels are fused after the first conv)", num_classes, conv_dims,
-            conv_norm, upsample_mode, resolution, min_convs=1,
+        self.fuse_type = _check_panet_args(
+            num_classes, conv_dims, conv_norm, upsample_mode, resolution, pooler_type,
+            fuse_type, fused_fc,
         )
-        self.fuse_type = check_fuse_type(
-            fuse_type, LEVEL_FUSE_TYPES, "MODEL.ROI_MASK_HEAD.PANET.FUSE_TYPE"
-        )
-        if pooler_type not in ADAPTIVE_POOLER_TYPES:
-            raise ValueError(
-                f"MODEL.ROI_MASK_HEAD.PANET.POOLER_TYPE must be one of {ADAPTIVE_POOLER_TYPES}, "
-                f"got {pooler_type!r}"
-            )
-        num_conv = len(conv_dims) - 1
-        # PANet taps the fc branch after the second-to-last conv (conv3 of 4).
-        tap = max(num_conv - 1, 1)
-        if fused_fc and conv_dims[tap - 1] < 2:
-            raise ValueError(
-                "MODEL.ROI_MASK_HEAD.CONV_DIM must be >= 2 with MODEL.ROI_MASK_HEAD.PANET.FUSED_FC "
-                f"(its second conv halves the channels), got {conv_dims[tap - 1]}"
-            )
+        self.fused_fc = fused_fc
         if adaptive:
             self.in_features = list(input_shape)
             in_channels = _level_channels(input_shape)
@@ -133,23 +125,20 @@ class PANetMaskHead(BaseMaskRCNNHead):
             self.in_features = []
             in_channels = input_shape.channels
             self.pooler = None
-        self.fused_fc = fused_fc
 
-        # The first conv adapts each level on its own (PANet).
+        # Layers in creation (random-number) order. The first conv adapts each level on its
+        # own (PANet); the fc branch taps the output of conv `tap` (conv3 of 4).
+        num_conv = len(conv_dims) - 1
+        tap = _fc_tap(num_conv)
         self.fcn1_per_level = nn.ModuleList(
             conv_norm_relu(in_channels, conv_dims[0], conv_norm)
             for _ in range(max(len(self.in_features), 1))
         )
-        self.fcn_trunk = nn.Sequential()
-        self.fcn_tail = nn.Sequential()
-        for k in range(1, num_conv):
-            block = conv_norm_relu(conv_dims[k - 1], conv_dims[k], conv_norm)
-            (self.fcn_trunk if k < tap else self.fcn_tail).add_module(f"mask_fcn{k + 1}", block)
-        self.upsample = nn.Sequential()
-        for name, module in upsample_layers(
-            upsample_mode, conv_dims[num_conv - 1], conv_dims[-1], conv_norm
-        ):
-            self.upsample.add_module(name, module)
+        self.fcn_trunk = mask_fcn_convs(conv_dims, 1, tap, conv_norm)
+        self.fcn_tail = mask_fcn_convs(conv_dims, tap, num_conv, conv_norm)
+        self.upsample = nn.Sequential(
+            OrderedDict(upsample_layers(upsample_mode, conv_dims[-2], conv_dims[-1], conv_norm))
+        )
         self.predictor = mask_predictor(conv_dims[-1], num_classes)
         if fused_fc:
             for name, module in fused_fc_layers(conv_dims[tap - 1], resolution, conv_norm):
@@ -239,6 +228,34 @@ class PANetMaskHead(BaseMaskRCNNHead):
             return {"loss_mask": loss * self.loss_weight}
         mask_rcnn_inference(logits, instances)
         return instances
+
+
+def _fc_tap(num_conv: int) -> int:
+    """The conv (1-based) whose output PANet's fc branch takes: the second-to-last."""
+    return max(num_conv - 1, 1)
+
+
+def _check_panet_args(
+    num_classes, conv_dims, conv_norm, upsample_mode, resolution, pooler_type, fuse_type,
+    fused_fc,
+) -> str:
+    """Validate PANetMaskHead's arguments, naming their keys; returns the canonical fuse_type."""
+    check_head_args(
+        "PANetMaskHead (levels are fused after the first conv)", num_classes, conv_dims,
+        conv_norm, upsample_mode, resolution, min_convs=1,
+    )
+    if pooler_type not in ADAPTIVE_POOLER_TYPES:
+        raise ValueError(
+            f"MODEL.ROI_MASK_HEAD.PANET.POOLER_TYPE must be one of {ADAPTIVE_POOLER_TYPES}, "
+            f"got {pooler_type!r}"
+        )
+    tap_channels = conv_dims[_fc_tap(len(conv_dims) - 1) - 1]
+    if fused_fc and tap_channels < 2:
+        raise ValueError(
+            "MODEL.ROI_MASK_HEAD.CONV_DIM must be >= 2 with MODEL.ROI_MASK_HEAD.PANET.FUSED_FC "
+            f"(its second conv halves the channels), got {tap_channels}"
+        )
+    return check_fuse_type(fuse_type, LEVEL_FUSE_TYPES, "MODEL.ROI_MASK_HEAD.PANET.FUSE_TYPE")
 
 
 def _level_channels(input_shape: Dict[str, ShapeSpec]) -> int:
