@@ -106,7 +106,7 @@ def main():
 
             def run_a():
                 return find_top_proposals_per_level(
-                    boxes, logits, sizes, 0.7, [pre] * len(LEVELS), [post], False, 0.0, training
+                    boxes, logits, sizes, 0.7, [pre] * len(LEVELS), post, None, 0.0, training
                 )
 
             def run_b():
