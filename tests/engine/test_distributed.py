@@ -41,13 +41,16 @@ FAMILIES = ["parity", "panet_path", "weighted_fusion", "unshared_rpn_per_level_a
 
 # Tolerances of "same weights". Both set-ups compute the same function (see base_cfg in
 # distributed_jobs.py); what differs is float32 rounding: a convolution over a batch of 1 or
-# of 2, and the losses summed over ROIs in another order (each process's RNG orders the
-# sampled candidates), and NaiveSyncBatchNorm's variance as E[x^2] - E[x]^2 against
-# BatchNorm's. Measured after 3 steps: weights differ by at most 5.4e-7, and the difference
-# of the two updates is 3.5e-7..5.2e-7 of the update's norm (2.1e-5 with naiveSyncBN). A
-# real discrepancy (gradients summed instead of averaged, a process left out of a reduction,
-# statistics not synchronized) changes the update by tens of percent.
+# of 2, the losses summed over ROIs in another order (each process's RNG orders the sampled
+# candidates), NaiveSyncBatchNorm's statistics from all-gathered per-process means against
+# BatchNorm's own kernel. Measured after 3 steps: parameters differ by at most 1.5e-8
+# (3.7e-7 with naiveSyncBN: 4% of RTOL/ATOL), BN running means by 4.1e-6 (29% of their
+# looser tolerance), and the difference of the two updates is 3.5e-7..5.2e-7 of
+# the update's norm (6.5e-6 with naiveSyncBN). A real discrepancy (gradients summed instead
+# of averaged, a process left out of a reduction, statistics not synchronized) changes the
+# update by tens of percent: summing instead of averaging gave 105-128%.
 RTOL, ATOL = 1e-4, 1e-5
+STATS_RTOL, STATS_ATOL = 1e-3, 1e-4  # running statistics: two different formulas
 REL_UPDATE_TOL = 1e-4
 # The updates must be far above those tolerances for the comparison to mean something.
 MIN_MAX_UPDATE = 100 * ATOL
@@ -127,7 +130,10 @@ def test_two_processes_train_the_weights_of_one_process_with_both_images(jobs, f
         if family == "sync_bn" and k.endswith("running_var"):
             # NaiveSyncBatchNorm tracks the biased variance, BatchNorm the unbiased one.
             continue
-        torch.testing.assert_close(rank0[k], v, rtol=RTOL, atol=ATOL, msg=lambda m: f"{k}: {m}")
+        stats = "running_" in k
+        torch.testing.assert_close(rank0[k], v, rtol=STATS_RTOL if stats else RTOL,
+                                   atol=STATS_ATOL if stats else ATOL,
+                                   msg=lambda m: f"{k}: {m}")
         diff_sq += (rank0[k].double() - v.double()).pow(2).sum().item()
         update = v.double() - initial[k].double()
         update_sq += update.pow(2).sum().item()
