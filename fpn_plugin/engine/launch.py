@@ -92,8 +92,12 @@ def _gloo_worker(local_rank, main_func, world_size, num_workers_per_machine, mac
 
 
 def _log_worker_failure(error: Exception) -> None:
+    cause = str(error).strip()
+    if isinstance(error, mp.ProcessRaisedException):  # its message is the whole traceback
+        last = [line.strip() for line in cause.splitlines() if line.strip()][-1:]
+        cause = f"process {error.error_index} raised {last[0] if last else 'an exception'}"
     logger.error(
-        f"Distributed job stopped: {error}. The launcher stops the other workers of this "
+        f"Distributed job stopped: {cause}. The launcher stops the other workers of this "
         "machine; workers on other machines fail at their next collective (or after the "
         "process-group timeout if a peer hangs without exiting). Rerun the same command with "
         "--resume to continue from OUTPUT_DIR/last_checkpoint.")

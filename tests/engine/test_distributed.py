@@ -9,7 +9,8 @@ Distributed training and evaluation on CPU (gloo), as users run them on GPUs (NC
   writes; a killed worker ends both machines' jobs with an error instead of a hang; --resume
   continues from the last checkpoint;
 - train_net.py under torchrun;
-- the launch shim hands over to Detectron2 where it can, and the DDP helpers' checks.
+- the launch shim hands over to Detectron2 where it can and reports a failed worker in one
+  line; the DDP helpers' checks.
 
 The multi-process parts run in subprocesses (tests/engine/distributed_jobs.py, train_net.py)
 with one thread per process; the rest are in-process unit tests.
@@ -77,6 +78,35 @@ def _tail(path, n=4000):
         return f"(no {path})"
 
 
+def _start(args):
+    """Starts ``python args...`` in its own process group (its workers included)."""
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def _finish(procs, timeout):
+    """(returncode, stdout, stderr) of each process. A process still running after
+    ``timeout`` seconds is a hang: its whole process group is killed and the test fails."""
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            results.append((p.returncode, out, err))
+    except subprocess.TimeoutExpired:
+        pytest.fail("a distributed job did not end within its timeout (hang)")
+    finally:
+        _kill_groups(procs)
+    return results
+
+
+def _kill_groups(procs):
+    for p in procs:
+        if p.poll() is None:  # still running, so its group id is still ours
+            os.killpg(p.pid, signal.SIGKILL)  # the launcher and its workers
+            p.wait()
+
+
 # ---------------------------------------------------------------------------------------------
 # 2 x 1 against 1 x 2: training and evaluation
 # ---------------------------------------------------------------------------------------------
@@ -94,11 +124,9 @@ def jobs(tmp_path_factory):
     outs = {}
     for num_procs in (1, 2):
         out = base / f"procs{num_procs}"
-        result = subprocess.run(
-            [sys.executable, JOBS, "--num-procs", str(num_procs), "--data", str(data),
-             "--out", str(out)], cwd=ROOT, env=_env(), capture_output=True, text=True,
-            timeout=600)
-        assert result.returncode == 0, (result.stderr[-3000:] + _tail(out / "log.txt"))
+        [(rc, _, err)] = _finish([_start([JOBS, "--num-procs", str(num_procs), "--data",
+                                          str(data), "--out", str(out)])], timeout=600)
+        assert rc == 0, err[-3000:] + _tail(out / "log.txt")
         outs[num_procs] = out
     return outs
 
@@ -225,14 +253,9 @@ def _train_net_args(shapes, out, max_iter, *extra):
 def _machines(shapes, outs, max_iter, *extra):
     """Starts train_net.py as machine 0 and machine 1 (one process each) over 127.0.0.1."""
     url = f"tcp://127.0.0.1:{_free_port()}"
-    procs = []
-    for rank, out in enumerate(outs):
-        cmd = [sys.executable, TRAIN_NET, "--num-gpus", "1", "--num-machines", "2",
-               "--machine-rank", str(rank), "--dist-url", url,
-               *_train_net_args(shapes, out, max_iter, *extra)]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    return procs
+    return [_start([TRAIN_NET, "--num-gpus", "1", "--num-machines", "2", "--machine-rank",
+                    str(rank), "--dist-url", url, *_train_net_args(shapes, out, max_iter, *extra)])
+            for rank, out in enumerate(outs)]
 
 
 def _last_checkpoint_iter(out):
@@ -260,24 +283,6 @@ def _spawned_worker(parent_pid):
     return None
 
 
-def _finish(procs, timeout):
-    """(returncode, stdout, stderr) of each process; a process still running after
-    ``timeout`` seconds is a hang and fails the test (after being killed)."""
-    results = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=timeout)
-            results.append((p.returncode, out, err))
-    except subprocess.TimeoutExpired:
-        pytest.fail("a distributed job did not end within its timeout (hang)")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return results
-
-
 @pytest.mark.timeout(600)
 def test_two_machines_rank0_writes_a_killed_worker_stops_both_and_resume_continues(tmp_path):
     shapes, out0, out1 = tmp_path / "shapes", tmp_path / "machine0", tmp_path / "machine1"
@@ -296,13 +301,11 @@ def test_two_machines_rank0_writes_a_killed_worker_stops_both_and_resume_continu
         os.kill(worker, signal.SIGKILL)
         (rc0, _, err0), (rc1, _, err1) = _finish(procs, timeout=120)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+        _kill_groups(procs)
     # Both machines end with an error naming what happened.
     assert rc0 != 0 and rc1 != 0
-    assert "Distributed job stopped" in err0 and "Distributed job stopped" in err1
-    assert "SIGKILL" in err1
+    assert "Distributed job stopped: process 0 raised" in err0  # its peer's connection closed
+    assert "Distributed job stopped: process 0 terminated with signal SIGKILL" in err1
     assert not (out0 / "model_final.pth").exists()
     # Rank 0 alone wrote: machine 1's folder holds only its own log.
     assert sorted(os.listdir(out1)) == ["log.txt.rank1"]
@@ -324,13 +327,12 @@ def test_two_machines_rank0_writes_a_killed_worker_stops_both_and_resume_continu
 @pytest.mark.timeout(600)
 def test_train_net_under_torchrun_trains_two_processes_and_evaluates(tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node",
-           "2", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), TRAIN_NET,
-           *_train_net_args(tmp_path / "shapes", out, 3), "TEST.EVAL_PERIOD", "3",
-           "DATALOADER.NUM_WORKERS", "1"]  # loader worker processes inside each rank
-    result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    [(rc, _, err)] = _finish([_start(
+        ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), TRAIN_NET,
+         *_train_net_args(tmp_path / "shapes", out, 3), "TEST.EVAL_PERIOD", "3",
+         "DATALOADER.NUM_WORKERS", "1"])], timeout=300)  # a loader worker inside each rank
+    assert rc == 0, err[-3000:]
     log = (out / "log.txt").read_text()
     assert "World size: 2" in log
     assert torch.load(out / "model_final.pth", map_location="cpu",
@@ -357,6 +359,23 @@ def test_launch_hands_over_to_detectron2_where_it_supports_the_machine(monkeypat
     monkeypatch.setattr(fl, "detectron2_launch_supports_this_machine", lambda: False)
     fl.launch(print, 1)
     assert len(calls) == 1
+
+
+def test_launch_reraises_a_worker_failure_after_a_one_line_summary(monkeypatch, caplog):
+    traceback = ("\n\n-- Process 1 terminated with the following error:\nTraceback (most "
+                 "recent call last):\n  File \"x.py\", line 1\nRuntimeError: peer closed\n")
+    error = fl.mp.ProcessRaisedException(traceback, 1, 1234)
+
+    def failing(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(fl._D2_LAUNCH, "launch", failing)
+    monkeypatch.setattr(fl, "detectron2_launch_supports_this_machine", lambda: True)
+    with pytest.raises(fl.mp.ProcessRaisedException) as raised:
+        fl.launch(print, 2, dist_url="auto")
+    assert raised.value is error  # Detectron2's exception, unchanged
+    assert "Distributed job stopped: process 1 raised RuntimeError: peer closed. " in caplog.text
+    assert "--resume" in caplog.text
 
 
 def test_launch_gloo_path_checks_its_url_before_starting_processes(monkeypatch):
