@@ -18,6 +18,10 @@ Differences from ``DefaultTrainer``:
 - Checkpoints hold the optimizer state on Detectron2 v0.6 too (main already saves it), so
   ``--resume`` continues with the same momentum / Adam moments.
 
+- With several processes on CPU (gloo), the model is wrapped in DDP without ``device_ids``
+  (``fpn_plugin.engine.ddp``): Detectron2 passes them whatever the device, which DDP refuses
+  for a CPU model. On GPUs the wrapping is Detectron2's unchanged.
+
 Everything else (checkpointing every ``SOLVER.CHECKPOINT_PERIOD``, ``--resume`` from
 ``last_checkpoint``, metrics.json / TensorBoard writers, ``TEST.EVAL_PERIOD`` evaluation,
 multi-GPU through ``detectron2.engine.launch``) is Detectron2's own.
@@ -35,6 +39,7 @@ from detectron2.utils import comm
 
 from ..data.build import check_invalid_record_policy, get_validated_dataset_dicts, write_invalid_records
 from .config import OPTIMIZERS
+from .ddp import cpu_capable_ddp
 from .plotting import plot_training_curve
 
 __all__ = ["Trainer", "check_amp_config", "check_optimizer_config", "build_evaluator_for",
@@ -149,7 +154,8 @@ class Trainer(DefaultTrainer):
         # images first, so a bad file stops the run now (policy "error") or is skipped later.
         for name in cfg.DATASETS.TEST:
             self.build_test_loader(cfg, name)
-        super().__init__(cfg)
+        with cpu_capable_ddp():  # Detectron2's DDP wrapping refuses CPU models (device_ids)
+            super().__init__(cfg)
         loader = self._trainer.data_loader
         self.invalid_records = list(getattr(loader, "fpn_plugin_invalid_records", []))
         if self.invalid_records and comm.is_main_process():

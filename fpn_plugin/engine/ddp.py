@@ -1,0 +1,86 @@
+"""
+DistributedDataParallel for models on CPU, and a check that every rank resumed alike.
+
+Detectron2's ``create_ddp_model`` passes ``device_ids=[local_rank]`` whatever the model's
+device, which ``DistributedDataParallel`` refuses for a CPU module (v0.6 and main alike), so
+``DefaultTrainer`` cannot train on CPU with several processes. ``create_ddp_model`` here is
+Detectron2's with ``device_ids=None`` for a CPU model; ``cpu_capable_ddp()`` makes
+``DefaultTrainer``'s constructor use it. Everything else (``broadcast_buffers=False``,
+``find_unused_parameters=False``, gradient averaging) stays Detectron2's and torch's.
+"""
+import contextlib
+from typing import Iterator
+
+from detectron2.engine import defaults as _d2_defaults
+from detectron2.utils import comm
+from torch import nn
+
+__all__ = ["create_ddp_model", "cpu_capable_ddp", "check_resumed_alike"]
+
+# Bound once, so the swap in cpu_capable_ddp never calls itself.
+_D2_CREATE_DDP_MODEL = _d2_defaults.create_ddp_model
+
+
+def _check_no_cuda_only_sync_bn(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.SyncBatchNorm):
+            raise ValueError(
+                f"module {name!r} is torch.nn.SyncBatchNorm (norm 'SyncBN' in MODEL.FPN.NORM, "
+                "MODEL.RPN.HEAD_NORM, MODEL.ROI_BOX_HEAD.NORM, MODEL.ROI_MASK_HEAD.NORM, "
+                "MODEL.RESNETS.NORM), which synchronizes only CUDA tensors. On CPU processes "
+                "(gloo) use 'naiveSyncBN' (Detectron2's NaiveSyncBatchNorm, the same "
+                "statistics when every process has the same batch shape) or 'GN'.")
+
+
+def create_ddp_model(model: nn.Module, **kwargs) -> nn.Module:
+    """
+    ``detectron2.engine.defaults.create_ddp_model`` that also wraps a model on CPU (gloo).
+
+    Args:
+        model: the model; returned as it is when there is one process.
+        kwargs: ``DistributedDataParallel`` / Detectron2 arguments (``broadcast_buffers``,
+            ``find_unused_parameters``, ``fp16_compression``, ...).
+
+    Raises:
+        ValueError: a CPU model contains ``nn.SyncBatchNorm``, which would fail at the first
+            training step (it needs CUDA tensors when a process group exists).
+    """
+    if comm.get_world_size() > 1 and "device_ids" not in kwargs:
+        devices = {p.device.type for p in model.parameters()}
+        if devices == {"cpu"}:
+            _check_no_cuda_only_sync_bn(model)
+            kwargs["device_ids"] = None  # DDP's rule for CPU modules
+    return _D2_CREATE_DDP_MODEL(model, **kwargs)
+
+
+@contextlib.contextmanager
+def cpu_capable_ddp() -> Iterator[None]:
+    """
+    Within the block, ``DefaultTrainer`` wraps its model with ``create_ddp_model`` above
+    (Detectron2's trainer looks the function up in ``detectron2.engine.defaults`` at call
+    time; it has no hook for it). GPU models are wrapped exactly as before.
+    """
+    _d2_defaults.create_ddp_model = create_ddp_model
+    try:
+        yield
+    finally:
+        _d2_defaults.create_ddp_model = _D2_CREATE_DDP_MODEL
+
+
+def check_resumed_alike(trainer) -> None:
+    """
+    Raise a ``RuntimeError`` unless every rank starts at the same iteration after
+    ``resume_or_load`` (a collective: call it on every rank).
+
+    Every rank reads ``OUTPUT_DIR/last_checkpoint`` itself and DDP does not broadcast weights
+    again after construction, so a machine that cannot see rank 0's checkpoints (OUTPUT_DIR
+    not on shared storage) would silently train different weights from iteration 0.
+    """
+    if comm.get_world_size() == 1:
+        return
+    starts = comm.all_gather(int(trainer.start_iter))
+    if len(set(starts)) > 1:
+        raise RuntimeError(
+            f"ranks resumed at different iterations {starts} (index = rank): OUTPUT_DIR="
+            f"{trainer.cfg.OUTPUT_DIR!r} must be storage that every machine sees, since rank "
+            "0 writes the checkpoints and every rank reads them on --resume")
