@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from hostile_testutils import RunsCode as _RunsCode
+
 from fpn_plugin.checkpoint import (
     CheckpointError,
     CheckpointMismatchError,
@@ -37,16 +39,6 @@ def _assert_same_weights(a, b):
     assert sa.keys() == sb.keys()
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0)
-
-
-class _RunsCode:
-    """Pickles to a call of os.system: what a malicious checkpoint does."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def test_pth_roundtrip_and_extra_data(tmp_path):
