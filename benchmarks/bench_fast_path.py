@@ -24,18 +24,18 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import build_detection_test_loader  # noqa: E402
 from detectron2.evaluation import inference_on_dataset  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 import fpn_plugin  # noqa: E402,F401  (registers the plugin's components)
-from fpn_plugin import add_fpn_plugin_config  # noqa: E402
-from fpn_plugin.checkpoint import SafeDetectionCheckpointer  # noqa: E402
+from fpn_plugin.config import load_config  # noqa: E402
+from fpn_plugin.checkpoint import CheckpointError, SafeDetectionCheckpointer  # noqa: E402
 from fpn_plugin.data.shapes import register_shapes_if_named  # noqa: E402
 from fpn_plugin.evaluation import build_coco_evaluator, check_dataset_registered  # noqa: E402
 from fpn_plugin.inference import enable_fast_inference  # noqa: E402
+from fpn_plugin.utils.cli import exit_on_errors, quiet_third_party_noise  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, "configs", "Demo", "mask_rcnn_R_18_custom_fpn_shapes.yaml")
@@ -53,15 +53,13 @@ def parse_args(argv=None):
     p.add_argument("--timing-images", type=int, default=8,
                    help="images timed per repeat (the first ones of the dataset)")
     p.add_argument("--repeats", type=int, default=7)
+    harness.add_output_arguments(p)
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs")
     return p.parse_args(argv)
 
 
 def build_cfg(args):
-    cfg = get_cfg()
-    add_fpn_plugin_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts, freeze=False)
     cfg.MODEL.DEVICE = args.device
     cfg.MODEL.FAST_INFERENCE.PRECISION = "fp32"  # the fast path is switched on explicitly below
     cfg.MODEL.FAST_INFERENCE.CHANNELS_LAST = False
@@ -77,7 +75,14 @@ def evaluate(model, cfg, dataset):
 
 
 def main(argv=None):
+    quiet_third_party_noise()
     args = parse_args(argv)
+    # Bad input (config, dataset, weights) ends with one "error: ..." line and exit status 2.
+    with exit_on_errors(ValueError, FileNotFoundError, CheckpointError):
+        run(args, argv)
+
+
+def run(args, argv=None):
     setup_logger(name="fpn_plugin")
     logger = setup_logger(name="detectron2")
     logger.setLevel(logging.WARNING)  # keep inference_on_dataset's progress, drop the chatter
@@ -130,7 +135,8 @@ def main(argv=None):
     print(harness.save("bench_fast_path", rows, command.strip(),
                        extra={"ap": {"fp32": ap_fp32, "fast": ap_fast}, "weights": args.weights,
                               "dataset": dataset, "fast_path": fast_name},
-                       labels=(fast_name, "fp32"), notes=ap_table))
+                       labels=(fast_name, "fp32"), notes=ap_table,
+                       write_results=args.write_results))
 
 
 if __name__ == "__main__":

@@ -204,6 +204,7 @@ def main():
     parser.add_argument("--fast-precision", default="bf16")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--name", default=None, help="results file name (default from device)")
+    harness.add_output_arguments(parser)
     args = parser.parse_args()
 
     plugin, d2, cfg = build_pair(args.device)
@@ -230,7 +231,8 @@ def main():
     command = "python benchmarks/bench_models.py " + " ".join(sys.argv[1:])
     name = args.name or f"models_{args.device.split(':')[0]}{'_amp' if args.amp else ''}"
     print(harness.save(name, rows, command.strip(),
-                       extra={"size": args.size, "fast_precision": args.fast_precision}))
+                       extra={"size": args.size, "fast_precision": args.fast_precision},
+                       write_results=args.write_results))
 
 
 if __name__ == "__main__":

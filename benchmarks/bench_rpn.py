@@ -29,7 +29,7 @@ from detectron2.structures import ImageList
 from detectron2.utils.events import EventStorage
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import compare, compare_memory, save  # noqa: E402
+from harness import add_output_arguments, compare, compare_memory, save  # noqa: E402
 
 from fpn_plugin import add_fpn_plugin_config  # noqa: E402
 from fpn_plugin.rpn.postprocess import find_top_proposals_per_level  # noqa: E402
@@ -85,6 +85,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    add_output_arguments(parser)
     args = parser.parse_args()
     dev = args.device
     if args.threads:
@@ -158,7 +159,7 @@ def main():
     print(name, f"ratio {result['ratio']:.3f}", flush=True)
 
     command = "python benchmarks/bench_rpn.py " + " ".join(sys.argv[1:])
-    print(save("bench_rpn", rows, command.strip()))
+    print(save("bench_rpn", rows, command.strip(), write_results=args.write_results))
 
 
 if __name__ == "__main__":

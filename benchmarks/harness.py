@@ -17,8 +17,22 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS_DIR = DEFAULT_RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
+# The tracked results (and README's tables): written only with --write-results.
+RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
 README = os.path.join(ROOT, "README.md")
+# Where a run writes by default (ignored by git), so running a benchmark never dirties the checkout.
+OUTPUT_DIR = os.path.join(ROOT, "output", "benchmarks")
+
+# The profiler logs CUDA probing errors ("gpuGetDeviceCount failed") on CPU-only machines.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+
+def add_output_arguments(parser) -> None:
+    """The options every benchmark script shares: where its results go."""
+    parser.add_argument(
+        "--write-results", action="store_true",
+        help="write the results into the tracked benchmarks/results/ and README.md's table "
+             f"(default: only {os.path.relpath(OUTPUT_DIR, ROOT)}/, the checkout stays clean)")
 
 
 @dataclass
@@ -181,14 +195,16 @@ def format_rows(rows: List[Dict[str, object]],
 def save(name: str, rows: List[Dict[str, object]], command: str,
          extra: Optional[Dict[str, object]] = None,
          labels: Tuple[str, str] = ("plugin", "Detectron2"), notes: str = "",
-         update_readme: bool = True) -> str:
+         write_results: bool = False) -> str:
     """
-    Write rows as JSON and markdown to benchmarks/results/<name>.{json,md}; return the md.
+    Write rows as JSON and markdown to ``output/benchmarks/<name>.{json,md}``; return the md.
     ``labels`` name A and B in the table; ``notes`` (markdown) follows it. With
-    ``update_readme``, the README's ``<!-- bench:<name> -->`` block (if it has one) is
-    replaced by the same markdown.
+    ``write_results`` (the scripts' ``--write-results``) they go to the tracked
+    ``benchmarks/results/`` instead and the README's ``<!-- bench:<name> -->`` block (if it
+    has one) is replaced by the same markdown.
     """
-    os.makedirs(RESULTS_DIR, exist_ok=True)
+    folder = RESULTS_DIR if write_results else OUTPUT_DIR
+    os.makedirs(folder, exist_ok=True)
     env = environment()
     header = (
         f"Command: `{command}`  \n"
@@ -207,12 +223,15 @@ def save(name: str, rows: List[Dict[str, object]], command: str,
         "rows": [{**r, "result": {k: plain(v) for k, v in r["result"].items()}} for r in rows],
         **(extra or {}),
     }
-    with open(os.path.join(RESULTS_DIR, f"{name}.json"), "w") as f:
+    with open(os.path.join(folder, f"{name}.json"), "w") as f:
         json.dump(payload, f, indent=2)
-    with open(os.path.join(RESULTS_DIR, f"{name}.md"), "w") as f:
+    with open(os.path.join(folder, f"{name}.md"), "w") as f:
         f.write(markdown)
-    if update_readme and RESULTS_DIR == DEFAULT_RESULTS_DIR:
+    if write_results:
         update_readme_block(README, name, markdown)
+    print(f"[bench] results written to {os.path.join(folder, name)}.{{md,json}}"
+          + (" and README.md" if write_results else " (--write-results: into the tracked files)"),
+          flush=True)
     return markdown
 
 

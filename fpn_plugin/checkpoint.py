@@ -2,27 +2,38 @@
 Checkpoint loading that never runs code from the file, with clear errors.
 
 ``SafeDetectionCheckpointer`` is Detectron2's ``DetectionCheckpointer`` with a different way of
-*reading* files; everything else (saving, resuming, model-zoo name heuristics, ``.pkl``
-checkpoints of the model zoo) is inherited, so training code can use it as a drop-in:
+*reading* files, atomic saving and a resume that survives a damaged last checkpoint; the rest
+(model-zoo name heuristics, ``.pkl`` checkpoints of the model zoo, ``detectron2://`` URLs) is
+inherited, so training code uses it as a drop-in (``fpn_plugin.engine.Trainer`` does):
 
 - ``.pth`` / ``.pyth``: ``torch.load(..., weights_only=True)`` (tensors, plain containers and
   numpy arrays only).
 - ``.pkl`` (Detectron2 model zoo / Detectron1): a restricted unpickler that accepts only the
   globals needed to rebuild numpy arrays, so a crafted pickle cannot call anything else.
-- A missing, unreadable or corrupt file raises :class:`CheckpointError` naming the file; with
-  ``strict=True`` a checkpoint whose keys or shapes differ from the model raises
-  :class:`CheckpointMismatchError` naming the file and the first offending keys.
+- Paths may carry Detectron2 main's query ``?matching_heuristics=True`` (load a ``.pth`` with
+  the model zoo's name-matching heuristics), on Detectron2 v0.6 as well.
+- A missing, unreadable or corrupt file raises :class:`CheckpointError` naming the file and
+  what is wrong with it; with ``strict=True`` a checkpoint whose keys or shapes differ from the
+  model raises :class:`CheckpointMismatchError` naming the file and the first offending keys.
+- ``save`` writes a hidden temporary file and renames it, so a killed run never leaves a
+  truncated checkpoint (nor a truncated ``last_checkpoint``) under the final name.
+- ``resume_or_load(resume=True)``: when the file ``last_checkpoint`` names is missing or
+  corrupt, a warning names it and the newest intact periodic checkpoint is loaded instead.
 """
-import collections
 import inspect
 import logging
 import os
 import pickle
+import re
 from typing import Any, Dict, List, Optional, Tuple
+from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+
+from .utils.files import atomic_open
+from .utils.safe_pickle import RefusedGlobalError, load_pickle_of_arrays, numpy_globals
 
 __all__ = [
     "CheckpointError",
@@ -30,16 +41,23 @@ __all__ = [
     "SafeDetectionCheckpointer",
     "load_checkpoint_file",
     "load_model_weights",
+    "split_checkpoint_query",
 ]
 
 logger = logging.getLogger(__name__)
 
 # Phrases of torch's and our unpicklers' "this object is not allowed" errors (vs. corrupt data).
 _REFUSED_MARKERS = ("unsupported global", "refusing to load global", "not an allowed global",
-                    "Can only build", "allowlisted")
+                    "Can only build", "allowlisted", "is blocked")
 
 # How many offending keys an error message lists per kind.
 _KEYS_IN_MESSAGE = 5
+
+# Query options a checkpoint path may carry (Detectron2 main's DetectionCheckpointer syntax).
+_QUERY_OPTIONS = ("matching_heuristics",)
+
+# Names PeriodicCheckpointer gives checkpoints ("model_0004999.pth", "model_final.pth").
+_PERIODIC_NAME = re.compile(r"^model_(\d+|final)\.pth$")
 
 
 class CheckpointError(RuntimeError):
@@ -87,60 +105,6 @@ def _first(keys: List[str]) -> str:
     return shown + (", ..." if len(keys) > _KEYS_IN_MESSAGE else "")
 
 
-def _numpy_globals() -> Dict[Tuple[str, str], Any]:
-    """
-    The globals a pickle needs to rebuild numpy arrays and scalars, keyed by the
-    (module, name) a pickle refers to them by. Pickles written under numpy 1.x name
-    ``numpy.core``; under numpy 2.x, ``numpy._core``; both are accepted.
-    """
-    core = getattr(np, "_core", None)
-    multiarray = getattr(core, "multiarray", None) if core is not None else None
-    if multiarray is None or not hasattr(multiarray, "_reconstruct"):
-        multiarray = np.core.multiarray
-    numeric = getattr(core, "numeric", None) if core is not None else None
-    if numeric is None or not hasattr(numeric, "_frombuffer"):
-        numeric = np.core.numeric
-    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
-    for prefix in ("numpy.core", "numpy._core"):
-        allowed[(prefix + ".multiarray", "_reconstruct")] = multiarray._reconstruct
-        allowed[(prefix + ".multiarray", "scalar")] = multiarray.scalar
-        # Pickle protocol 5 rebuilds arrays from a bytes buffer.
-        allowed[(prefix + ".numeric", "_frombuffer")] = numeric._frombuffer
-    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25 pickles some dtypes by their class
-    if dtypes is not None:
-        for name in dir(dtypes):
-            if name.endswith("DType"):
-                allowed[("numpy.dtypes", name)] = getattr(dtypes, name)
-    return allowed
-
-
-def _pickle_globals() -> Dict[Tuple[str, str], Any]:
-    allowed = _numpy_globals()
-    allowed[("collections", "OrderedDict")] = collections.OrderedDict
-    # Python 3 writes bytes as _codecs.encode(str, "latin1") in pickle protocol < 3.
-    import _codecs
-
-    allowed[("_codecs", "encode")] = _codecs.encode
-    return allowed
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """An unpickler that can build containers and numpy arrays, and nothing that runs code."""
-
-    _allowed = None
-
-    def find_class(self, module: str, name: str):
-        if _NumpyOnlyUnpickler._allowed is None:
-            _NumpyOnlyUnpickler._allowed = _pickle_globals()
-        try:
-            return _NumpyOnlyUnpickler._allowed[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(
-                f"refusing to load global '{module}.{name}': only numpy arrays and plain "
-                "containers are allowed in a .pkl checkpoint"
-            ) from None
-
-
 def _torch_load_weights_only(path: str):
     """``torch.load(weights_only=True)``, also accepting numpy arrays where torch can."""
     if "weights_only" not in inspect.signature(torch.load).parameters:
@@ -150,7 +114,7 @@ def _torch_load_weights_only(path: str):
     safe_globals = getattr(torch.serialization, "safe_globals", None)
     if safe_globals is None:  # torch < 2.5: the default weights-only allow-list
         return torch.load(path, map_location="cpu", weights_only=True)
-    allowed = list(_numpy_globals().values())
+    allowed = list(numpy_globals().values())
     # torch checks the class of each dtype it rebuilds (numpy.dtype[float32], ...).
     allowed += [type(np.dtype(t)) for t in set(getattr(np, "sctypeDict", {}).values())]
     with safe_globals(list({id(v): v for v in allowed}.values())):
@@ -177,25 +141,27 @@ def load_checkpoint_file(path: str) -> Any:
     try:
         if path.endswith(".pkl"):
             with open(path, "rb") as f:
-                # latin1: Detectron1 / Caffe2 checkpoints are Python 2 pickles.
-                return _NumpyOnlyUnpickler(f, encoding="latin1").load()
+                return load_pickle_of_arrays(f)
         return _torch_load_weights_only(path)
     except CheckpointError:
         raise
     except pickle.UnpicklingError as e:
         reason = str(e).strip()
-        if any(marker.lower() in reason.lower() for marker in _REFUSED_MARKERS):
+        if isinstance(e, RefusedGlobalError) or any(
+                marker.lower() in reason.lower() for marker in _REFUSED_MARKERS):
             raise CheckpointError(
-                f"checkpoint {path!r} contains objects other than weights and was not loaded "
-                "(loading it would run code from the file). Re-save it as a plain state dict, "
-                "e.g. torch.save({'model': model.state_dict()}, path). Details: "
-                + _first_line(reason)
+                f"checkpoint {path!r} holds objects other than weights ({_refusal_reason(reason)})"
+                " and was not loaded: a weights-only load rebuilds nothing but tensors, numpy "
+                "arrays and plain containers (rebuilding other objects can run code from the "
+                "file). If you "
+                "trust the file, re-save its weights as a plain state dict, e.g. "
+                "torch.save({'model': model.state_dict()}, 'weights.pth')."
             ) from e
         raise CheckpointError(
             f"checkpoint {path!r} is corrupt or not a checkpoint: {_first_line(reason)}"
         ) from e
     except (RuntimeError, EOFError, ValueError, OSError, AttributeError, ImportError,
-            IndexError, KeyError, TypeError) as e:
+            IndexError, KeyError, TypeError, MemoryError, OverflowError) as e:
         # torch raises RuntimeError for a bad zip archive, pickle raises EOFError/ValueError/...
         # for truncated or random bytes.
         detail = "the file is empty or truncated" if isinstance(e, EOFError) else \
@@ -204,9 +170,18 @@ def load_checkpoint_file(path: str) -> Any:
             f"checkpoint {path!r} is corrupt or not a checkpoint ({detail})") from e
 
 
+def _refusal_reason(text: str) -> str:
+    """What a refused load tripped over, e.g. "a 'posix.system' object"."""
+    match = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"global '([\w.]+)'", text)
+    if match:
+        return f"a {match.group(1)!r} object"
+    return _first_line(text)
+
+
 def _first_line(text: str) -> str:
     """The informative line of an unpickling error (torch wraps it in boilerplate)."""
-    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation",
+                   "(1)", "(2)")
     for line in text.splitlines():
         line = line.replace("WeightsUnpickler error:", "").strip()
         if line and not line.startswith(boilerplate):
@@ -214,9 +189,35 @@ def _first_line(text: str) -> str:
     return "(no details)"
 
 
+def split_checkpoint_query(path: str) -> Tuple[str, Dict[str, bool]]:
+    """
+    Split Detectron2 main's query syntax off a checkpoint path or URL.
+
+    ``"model.pth?matching_heuristics=True"`` -> ``("model.pth", {"matching_heuristics": True})``.
+    An existing local file whose name contains ``?`` is returned unchanged.
+
+    Raises:
+        CheckpointError: an unknown query option or a value other than True/False.
+    """
+    if not path or os.path.isfile(path) or "?" not in path:
+        return path, {}
+    parsed = urlparse(path)
+    if not parsed.query:
+        return path, {}
+    options = {}
+    for key, values in parse_qs(parsed.query, keep_blank_values=True).items():
+        if key not in _QUERY_OPTIONS or values[-1] not in ("True", "False"):
+            raise CheckpointError(
+                f"checkpoint {path!r}: unsupported query option {key}={values[-1]!r} "
+                f"(supported: {', '.join(o + '=True|False' for o in _QUERY_OPTIONS)})")
+        options[key] = values[-1] == "True"
+    return parsed._replace(query="").geturl(), options
+
+
 class SafeDetectionCheckpointer(DetectionCheckpointer):
     """
-    ``DetectionCheckpointer`` that reads files with :func:`load_checkpoint_file`.
+    ``DetectionCheckpointer`` that reads files with :func:`load_checkpoint_file`, saves
+    atomically and resumes from the newest intact checkpoint (see the module docstring).
 
     Same constructor and methods as ``DetectionCheckpointer`` (so it replaces it in a trainer:
     ``trainer.checkpointer = SafeDetectionCheckpointer(model, save_dir, optimizer=..., ...)``).
@@ -236,17 +237,21 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         self.strict = strict
         self._loading_path: Optional[str] = None
+        self._query: Dict[str, bool] = {}
 
     def load(self, path, *args, **kwargs):
         """
         Load ``path`` (a local file, or a URL / ``detectron2://`` path that Detectron2's
-        PathManager can fetch). An empty path loads nothing, as in Detectron2.
+        PathManager can fetch, optionally with ``?matching_heuristics=True``). An empty path
+        loads nothing, as in Detectron2.
 
         Raises:
-            CheckpointError: missing, corrupt or non-weight file.
+            CheckpointError: missing, corrupt or non-weight file, or an unknown query option.
             CheckpointMismatchError: with ``strict=True``, weights that do not fit the model.
         """
+        query: Dict[str, bool] = {}
         if path:
+            path, query = split_checkpoint_query(path)
             local = path
             if not os.path.isfile(local):
                 try:
@@ -256,11 +261,11 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
                 if not os.path.isfile(local):
                     raise CheckpointError(f"checkpoint file not found: {path!r}")
             path = local
-        self._loading_path = path
+        self._loading_path, self._query = path, query
         try:
             return super().load(path, *args, **kwargs)
         finally:
-            self._loading_path = None
+            self._loading_path, self._query = None, {}
 
     def _load_file(self, filename):
         data = load_checkpoint_file(filename)
@@ -268,6 +273,14 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
             raise CheckpointError(
                 f"checkpoint {filename!r} holds a {type(data).__name__}, not a dict of weights"
             )
+        data = self._standard_format(filename, data)
+        if self._query.get("matching_heuristics"):  # as main: only "True" changes anything
+            data["matching_heuristics"] = True
+        return data
+
+    @staticmethod
+    def _standard_format(filename: str, data: dict) -> dict:
+        """Detectron2's checkpoint dict ({"model": ..., ...}) of each file format."""
         if filename.endswith(".pkl"):
             if "model" in data and "__author__" in data:  # Detectron2 model zoo format
                 return data
@@ -292,6 +305,93 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
                 "not a state dict"
             )
         return data
+
+    # -- saving --------------------------------------------------------------------------
+    def _local_save_dir(self) -> Optional[str]:
+        """``save_dir`` if it is a local folder path (atomic saving needs os.replace)."""
+        if not self.save_dir or "://" in str(self.save_dir):
+            return None
+        return str(self.save_dir)
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        """
+        Save the model and checkpointables to ``<save_dir>/<name>.pth`` (as Detectron2 does)
+        through a hidden temporary file that is renamed when complete, then point
+        ``last_checkpoint`` at it (also atomically).
+        """
+        folder = self._local_save_dir()
+        if folder is None or not self.save_to_disk:
+            return super().save(name, **kwargs)
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        if os.path.basename(basename) != basename:
+            raise ValueError(f"checkpoint name {name!r} must be a plain file name")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, basename)
+        self.logger.info(f"Saving checkpoint to {path}")
+        with atomic_open(path, "wb") as f:
+            torch.save(data, f)
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        folder = self._local_save_dir()
+        if folder is None:
+            return super().tag_last_checkpoint(last_filename_basename)
+        with atomic_open(os.path.join(folder, "last_checkpoint"), "w") as f:
+            f.write(last_filename_basename)
+
+    # -- resuming ------------------------------------------------------------------------
+    def _resume_candidates(self) -> List[str]:
+        """The file ``last_checkpoint`` names, then periodic checkpoints, newest first."""
+        named = self.get_checkpoint_file()
+        folder = self._local_save_dir()
+        periodic = []
+        if folder is not None and os.path.isdir(folder):
+            for entry in os.listdir(folder):
+                match = _PERIODIC_NAME.match(entry)
+                if match:
+                    order = float("inf") if match.group(1) == "final" else int(match.group(1))
+                    periodic.append((order, os.path.join(folder, entry)))
+        ordered = [p for _, p in sorted(periodic, reverse=True)]
+        return [named] + [p for p in ordered if os.path.abspath(p) != os.path.abspath(named)]
+
+    def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
+        """
+        As Detectron2's: with ``resume`` and a ``last_checkpoint`` in ``save_dir``, load that
+        checkpoint with every checkpointable (optimizer, scheduler, iteration); otherwise load
+        only the model weights of ``path``.
+
+        When the checkpoint ``last_checkpoint`` names is missing or corrupt (a run killed
+        while writing it, a disk error), a warning names it and the newest intact periodic
+        checkpoint (``model_<iteration>.pth``) is loaded instead.
+
+        Raises:
+            CheckpointError: resuming was asked for but no checkpoint in ``save_dir`` is
+                intact (the message lists each file and what is wrong with it).
+        """
+        if not (resume and self.has_checkpoint()):
+            return self.load(path, checkpointables=[])
+        failures = []
+        for candidate in self._resume_candidates():
+            try:
+                loaded = self.load(candidate)
+            except CheckpointMismatchError:
+                raise  # the config changed: another checkpoint would not fit either
+            except CheckpointError as e:
+                failures.append(str(e))
+                logger.warning(f"Cannot resume from {candidate}: {e}")
+                continue
+            if failures:
+                logger.warning(
+                    f"Resuming from {candidate}, the newest intact checkpoint in "
+                    f"{self.save_dir}; skipped: " + " | ".join(failures))
+            return loaded
+        raise CheckpointError(
+            f"cannot resume: no intact checkpoint in {self.save_dir!r} ("
+            + " | ".join(failures) + "). Start without --resume, or restore a checkpoint.")
 
     def _load_model(self, checkpoint):
         path = self._loading_path or "<checkpoint>"

@@ -1,4 +1,7 @@
 """``add_fpn_plugin_config``: the plugin's config keys, added to a config the caller owns."""
+import os
+from typing import Sequence
+
 from .data.config import add_data_config
 from .engine.config import add_engine_config
 from .inference.config import add_inference_config
@@ -6,7 +9,7 @@ from .mask_head.config import add_mask_head_config
 from .neck.config import add_neck_config
 from .rpn.config import add_rpn_config
 
-__all__ = ["add_fpn_plugin_config"]
+__all__ = ["add_fpn_plugin_config", "load_config", "with_plugin_defaults"]
 
 _COMPONENT_ADDERS = [add_neck_config, add_rpn_config, add_mask_head_config, add_data_config,
                      add_engine_config, add_inference_config]
@@ -40,3 +43,49 @@ def _add_missing(dst, src):
             dst[key] = value
         elif isinstance(value, type(dst)) and isinstance(dst[key], type(dst)):
             _add_missing(dst[key], value)
+
+
+def with_plugin_defaults(cfg):
+    """
+    ``cfg`` if it has every fpn_plugin key, else a copy with the missing keys at their defaults
+    (frozen if ``cfg`` is). This is how the plugin's trainer, export and dataset helpers treat
+    a config built without ``add_fpn_plugin_config``: every default reproduces Detectron2, so a
+    plain Detectron2 config behaves as Detectron2 would.
+    """
+    full = cfg.clone()
+    full.defrost()
+    add_fpn_plugin_config(full)
+    if full == cfg:
+        return cfg
+    if cfg.is_frozen():
+        full.freeze()
+    return full
+
+
+def load_config(config_file: str, opts: Sequence[str] = (), *, freeze: bool = True):
+    """
+    The config of the plugin's command-line entries: Detectron2's defaults, the plugin's keys,
+    ``config_file`` and the trailing ``KEY VALUE`` overrides ``opts``.
+
+    Raises:
+        FileNotFoundError: ``config_file`` does not exist.
+        ValueError: an unknown key, a value of the wrong type, or an odd number of overrides
+            (the message names the file, the overrides and the key).
+    """
+    from detectron2.config import get_cfg
+
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"config file not found: {config_file!r}")
+    cfg = get_cfg()
+    add_fpn_plugin_config(cfg)
+    try:
+        cfg.merge_from_file(config_file)
+        cfg.merge_from_list(list(opts))
+    except (KeyError, AssertionError, ValueError, TypeError, SyntaxError) as e:
+        # yacs: unknown key (KeyError), odd number of overrides (AssertionError), type mismatch
+        raise ValueError(f"bad config ({config_file}, overrides {list(opts)}): {e}") from e
+    except Exception as e:  # a YAML that does not parse
+        raise ValueError(f"config file {config_file!r} cannot be read: {e}") from e
+    if freeze:
+        cfg.freeze()
+    return cfg

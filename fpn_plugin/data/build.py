@@ -3,34 +3,72 @@ Dataset loading with record validation before training (Detectron2 glue).
 
 ``get_validated_dataset_dicts`` loads datasets by name like Detectron2's
 ``get_detection_dataset_dicts`` and, before anything trains, checks every record
-(``fpn_plugin.data.validation``). The policy ``DATALOADER.INVALID_RECORDS`` decides:
+(``fpn_plugin.data.validation``). ``validate_datasets(cfg)`` does it once for a training
+run's ``DATASETS.TRAIN`` and ``DATASETS.TEST``. The policy ``DATALOADER.INVALID_RECORDS``
+decides:
 
 - ``"skip"``: a record with any problem is dropped whole (an image with one bad annotation
   would otherwise teach the model that the object is background); every problem is logged with
   its file and image id, and the caller gets the list (the trainer writes it to
   ``invalid_records.json`` and puts the count in the metrics).
-- ``"error"``: a ``ValueError`` lists the problems and nothing trains.
+- ``"error"``: an :class:`InvalidRecordsError` lists every problem found (in all datasets)
+  and nothing trains.
 
-COCO JSON files whose annotations use a category id missing from the file's ``categories``
-make Detectron2's ``load_coco_json`` raise a bare ``KeyError``; that case is handled here
-too: the offending annotations are reported by annotation id, and under ``"skip"`` the file is
-re-loaded without their images.
+COCO JSON files are first read as written (``fpn_plugin.data.coco_json``): what Detectron2's
+``load_coco_json`` would drop silently (polygons with fewer than 3 points, annotations of
+images that do not exist) or fail on (an unknown category id, duplicate annotation ids) is
+reported by image and annotation id like any other problem, and the file is then loaded
+without the affected images. Images that training leaves out because they have no usable
+annotations (``DATALOADER.FILTER_EMPTY_ANNOTATIONS``) are listed too (kind
+``"no_annotations"``), so no record disappears unreported.
 """
 import json
 import logging
 import os
 import tempfile
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.build import load_proposals_into_dataset, print_instances_class_histogram
+from detectron2.data.build import print_instances_class_histogram
 
+from ..utils.files import atomic_write_json
+from .coco_json import scan_coco_json, without_images
 from .config import INVALID_RECORD_POLICIES
+from .images import DEFAULT_MAX_IMAGE_PIXELS, check_max_image_pixels
+from .proposals import load_proposals_into_records
 from .validation import InvalidRecord, format_invalid_records, validate_records
 
-__all__ = ["get_validated_dataset_dicts", "check_invalid_record_policy", "write_invalid_records"]
+__all__ = [
+    "DatasetCheck",
+    "InvalidRecordsError",
+    "check_invalid_record_policy",
+    "get_validated_dataset_dicts",
+    "load_dataset_records",
+    "validate_datasets",
+    "write_invalid_records",
+]
 
 logger = logging.getLogger(__name__)
+
+# InvalidRecord.kind of problems in an evaluation set's ground-truth file: COCO evaluation
+# reads that file as it is, so they cannot be skipped.
+GROUND_TRUTH = "ground_truth"
+NO_ANNOTATIONS = "no_annotations"
+
+
+class InvalidRecordsError(ValueError):
+    """
+    Problems in dataset records that stop a run (policy ``"error"``, or an evaluation set's
+    ground truth that COCO evaluation cannot read).
+
+    Attributes:
+        problems (list[InvalidRecord]): all of them.
+    """
+
+    def __init__(self, message: str, problems: Sequence[InvalidRecord]):
+        super().__init__(message)
+        self.problems = list(problems)
 
 
 def check_invalid_record_policy(policy: str) -> str:
@@ -41,63 +79,115 @@ def check_invalid_record_policy(policy: str) -> str:
     return policy
 
 
-def _coco_unknown_category_records(name: str, json_file: str,
-                                   image_root: str) -> Tuple[List[InvalidRecord], dict]:
-    """Find annotations whose category is not in the COCO file's ``categories``."""
-    with open(json_file) as f:
-        data = json.load(f)
-    known = {c["id"] for c in data.get("categories", [])}
-    images = {im["id"]: im for im in data.get("images", [])}
-    per_image_index: Dict[object, int] = {}
-    invalid = []
-    for anno in data.get("annotations", []):
-        img_id = anno.get("image_id")
-        idx = per_image_index.get(img_id, 0)
-        per_image_index[img_id] = idx + 1
-        if anno.get("category_id") not in known:
-            file_name = os.path.join(image_root, images.get(img_id, {}).get("file_name", "?"))
-            invalid.append(InvalidRecord(
-                name, file_name, img_id, idx,
-                f"category_id {anno.get('category_id')!r} (annotation id {anno.get('id')}) is "
-                f"not among the categories of {json_file}"))
-    return invalid, data
+@dataclass
+class LoadedDataset:
+    """A dataset's records as Detectron2 loads them, and what was found before loading."""
+
+    records: List[Dict]
+    problems: List[InvalidRecord] = field(default_factory=list)
+    # image id -> its annotation ids in record order (COCO JSON files only)
+    annotation_ids: Dict[object, List[object]] = field(default_factory=dict)
 
 
-def _load_dataset(name: str, policy: str) -> Tuple[List[Dict], List[InvalidRecord]]:
-    """``DatasetCatalog.get(name)``, surviving unknown COCO categories under "skip"."""
-    try:
-        return DatasetCatalog.get(name), []
-    except KeyError as e:
-        meta = MetadataCatalog.get(name)
-        json_file = getattr(meta, "json_file", None)
-        image_root = getattr(meta, "image_root", None)
-        if name not in DatasetCatalog.list() or not json_file or "category_id" not in str(e):
-            raise
-        invalid, data = _coco_unknown_category_records(name, json_file, image_root)
-        if not invalid:
-            raise
-    if policy == "error":
-        raise ValueError(
-            f"dataset {name!r}: {len(invalid)} invalid record(s) and "
-            f"DATALOADER.INVALID_RECORDS='error':\n{format_invalid_records(invalid)}")
+def load_dataset_records(name: str) -> LoadedDataset:
+    """
+    ``DatasetCatalog.get(name)``, with COCO instance files (metadata ``json_file``,
+    ``image_root`` and ``evaluator_type`` "coco", as ``register_coco_instances`` sets) checked
+    as written first; when the check finds problems, the file is loaded without the affected
+    images.
+
+    Raises:
+        ValueError: unregistered name, or an annotation file that is missing or not COCO JSON.
+    """
+    if name not in DatasetCatalog.list():
+        raise ValueError(f"dataset {name!r} is not registered in Detectron2's DatasetCatalog")
+    meta = MetadataCatalog.get(name)
+    json_file, image_root = getattr(meta, "json_file", None), getattr(meta, "image_root", None)
+    # Only COCO instance files (register_coco_instances, Detectron2's builtin COCO sets): LVIS
+    # and panoptic files have other fields and loaders.
+    if not json_file or image_root is None or getattr(meta, "evaluator_type", None) != "coco":
+        return LoadedDataset(DatasetCatalog.get(name))
+    scan = scan_coco_json(json_file, image_root, name)
+    if not scan.problems:
+        return LoadedDataset(DatasetCatalog.get(name), [], scan.annotation_ids)
     from detectron2.data.datasets import load_coco_json
 
-    bad_images = {p.image_id for p in invalid}
-    data["images"] = [im for im in data["images"] if im["id"] not in bad_images]
-    data["annotations"] = [a for a in data["annotations"] if a.get("image_id") not in bad_images]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, os.path.basename(json_file))
         with open(path, "w") as f:
-            json.dump(data, f)
+            json.dump(without_images(scan.data, scan.bad_image_ids), f)
         records = load_coco_json(path, image_root, name)
-    return records, invalid
+    return LoadedDataset(records, scan.problems, scan.annotation_ids)
+
+
+def _name_annotations(problems: List[InvalidRecord], annotation_ids: Dict) -> None:
+    """Add the file's annotation id to problems found by index after loading."""
+    for p in problems:
+        ids = annotation_ids.get(p.image_id)
+        if p.annotation_id is None and p.annotation is not None and ids \
+                and p.annotation < len(ids):
+            p.annotation_id = ids[p.annotation]
+
+
+def _num_classes_of(name: str, num_classes: Optional[int]) -> int:
+    if num_classes is not None:
+        return num_classes
+    thing_classes = getattr(MetadataCatalog.get(name), "thing_classes", None)
+    if thing_classes is None:
+        raise ValueError(f"dataset {name!r} has no thing_classes in its metadata; pass num_classes")
+    return len(thing_classes)
+
+
+def _raise_for_policy(problems: Sequence[InvalidRecord], policy: str, where: str,
+                      report_path: Optional[str] = None) -> None:
+    fatal = [p for p in problems
+             if p.kind == GROUND_TRUTH or (policy == "error" and p.kind == "invalid")]
+    if not fatal:
+        return
+    listed = f"; all of them are listed in {report_path}" if report_path else ""
+    why = ("DATALOADER.INVALID_RECORDS='error'" if policy == "error" else
+           "evaluation reads the ground-truth file as it is, so these cannot be skipped")
+    raise InvalidRecordsError(
+        f"{len(fatal)} problem(s) in the records of {where} ({why}){listed}:\n"
+        f"{format_invalid_records(fatal)}", problems)
+
+
+def _log_skipped(name: str, problems: Sequence[InvalidRecord], num_valid: int) -> None:
+    invalid = [p for p in problems if p.kind == "invalid"]
+    if not invalid:
+        return
+    num_bad = len({(p.file_name, p.image_id) for p in invalid})
+    logger.warning(
+        f"dataset {name!r}: skipping {num_bad} of {num_bad + num_valid} image records "
+        f"with problems (DATALOADER.INVALID_RECORDS='skip'):\n{format_invalid_records(invalid)}")
+
+
+def _filter_empty(name: str, records: List[Dict]) -> Tuple[List[Dict], List[InvalidRecord]]:
+    """Records with a non-crowd annotation, and the others listed as ``no_annotations``."""
+    kept, dropped = [], []
+    for r in records:
+        if any(not a.get("iscrowd", 0) for a in r.get("annotations", [])):
+            kept.append(r)
+        else:
+            dropped.append(InvalidRecord(
+                name, str(r.get("file_name")), r.get("image_id"), None,
+                "no annotations to train on (none, or crowd only): left out of training "
+                "(DATALOADER.FILTER_EMPTY_ANNOTATIONS)", kind=NO_ANNOTATIONS))
+    if dropped:
+        logger.warning(f"dataset {name!r}: {len(dropped)} image(s) have no annotations to train "
+                       f"on and are left out (DATALOADER.FILTER_EMPTY_ANNOTATIONS); "
+                       f"{len(kept)} left")
+    return kept, dropped
 
 
 def get_validated_dataset_dicts(names: Sequence[str], *, policy: str = "skip",
                                 num_classes: Optional[int] = None, check_images: bool = True,
                                 check_annotations: bool = True, require_segmentation: bool = False,
                                 filter_empty: bool = True, min_keypoints: int = 0,
-                                proposal_files: Optional[Sequence[str]] = None
+                                proposal_files: Optional[Sequence[str]] = None,
+                                max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                                ground_truth_problems_fatal: bool = False,
+                                report_path: Optional[str] = None
                                 ) -> Tuple[List[Dict], List[InvalidRecord]]:
     """
     Load, validate and concatenate datasets (the validated twin of Detectron2's
@@ -105,64 +195,65 @@ def get_validated_dataset_dicts(names: Sequence[str], *, policy: str = "skip",
 
     Args:
         names: registered dataset names.
-        policy (str): "skip" or "error" (see module docstring).
+        policy (str): "skip" or "error" (see module docstring). Under "error" every problem
+            of every dataset is collected before the error is raised.
         num_classes (int or None): class count to check categories against; None: each
             dataset's ``thing_classes`` (then required in its metadata).
         check_images (bool): open every image's header (see ``validation.check_image_file``).
         check_annotations (bool): check boxes, polygons, categories (off for inference sets,
             whose annotations the model never sees).
         require_segmentation (bool): annotations must carry masks (mask training).
-        filter_empty (bool): drop images without non-crowd annotations (after validation).
+        filter_empty (bool): drop images without non-crowd annotations (after validation);
+            they are returned among the problems with kind "no_annotations".
         min_keypoints (int): drop images with fewer visible keypoints (0: keep all).
         proposal_files: precomputed proposals per dataset, or None.
+        max_image_pixels (int): image pixel limit (``INPUT.MAX_IMAGE_PIXELS``; 0: none).
+        ground_truth_problems_fatal (bool): problems found in a COCO JSON file as written
+            stop the run under any policy (evaluation sets: COCO evaluation reads the file).
+        report_path (str): where the caller writes the problems; named in the error message.
 
     Returns:
         records (list[dict]): valid records of all datasets, in order.
-        invalid (list[InvalidRecord]): problems found (empty under "error": it raises instead).
+        problems (list[InvalidRecord]): every problem found, and the records filtered as empty.
+
+    Raises:
+        InvalidRecordsError: see ``policy`` and ``ground_truth_problems_fatal``.
+        ValueError: no names, an unregistered or empty dataset, or no valid record left.
     """
     check_invalid_record_policy(policy)
+    check_max_image_pixels(max_image_pixels)
     if isinstance(names, str):
         names = [names]
     if not len(names):
         raise ValueError("no dataset names given")
-    all_records, all_invalid = [], []
-    for i, name in enumerate(names):
-        records, invalid = _load_dataset(name, policy)
-        if not records and not invalid:
+    per_dataset, all_problems = [], []
+    for name in names:
+        loaded = load_dataset_records(name)
+        if not loaded.records and not loaded.problems:
             raise ValueError(f"dataset {name!r} is empty")
-        classes = num_classes
-        if classes is None:
-            thing_classes = getattr(MetadataCatalog.get(name), "thing_classes", None)
-            if thing_classes is None:
-                raise ValueError(f"dataset {name!r} has no thing_classes in its metadata; "
-                                 "pass num_classes")
-            classes = len(thing_classes)
-        valid, found = validate_records(records, name, classes, check_images=check_images,
-                                        check_annotations=check_annotations,
-                                        require_segmentation=require_segmentation)
-        invalid = invalid + found
-        if invalid:
-            if policy == "error":
-                raise ValueError(
-                    f"dataset {name!r}: {len(invalid)} problem(s) in its records and "
-                    f"DATALOADER.INVALID_RECORDS='error':\n{format_invalid_records(invalid)}")
-            num_bad = len({(p.file_name, p.image_id) for p in invalid})
-            logger.warning(
-                f"dataset {name!r}: skipping {num_bad} of {num_bad + len(valid)} image records "
-                f"with problems (DATALOADER.INVALID_RECORDS='skip'):\n"
-                f"{format_invalid_records(invalid)}")
-        if proposal_files is not None:
-            valid = load_proposals_into_dataset(valid, proposal_files[i])
-        all_records += valid
-        all_invalid += invalid
+        if ground_truth_problems_fatal:
+            for p in loaded.problems:
+                p.kind = GROUND_TRUTH
+        valid, found = validate_records(
+            loaded.records, name, _num_classes_of(name, num_classes), check_images=check_images,
+            check_annotations=check_annotations, require_segmentation=require_segmentation,
+            max_pixels=max_image_pixels)
+        _name_annotations(found, loaded.annotation_ids)
+        problems = loaded.problems + found
+        per_dataset.append((name, valid, problems))
+        all_problems += problems
+    _raise_for_policy(all_problems, policy, ", ".join(names), report_path)
 
+    all_records = []
+    for i, (name, valid, problems) in enumerate(per_dataset):
+        _log_skipped(name, problems, len(valid))
+        if proposal_files is not None:
+            valid = load_proposals_into_records(valid, proposal_files[i])
+        if filter_empty and valid and "annotations" in valid[0]:
+            valid, dropped = _filter_empty(name, valid)
+            all_problems += dropped
+        all_records += valid
     has_instances = bool(all_records) and "annotations" in all_records[0]
-    if filter_empty and has_instances:
-        before = len(all_records)
-        all_records = [r for r in all_records
-                       if any(not a.get("iscrowd", 0) for a in r["annotations"])]
-        logger.info(f"Removed {before - len(all_records)} images without non-crowd annotations; "
-                    f"{len(all_records)} left.")
     if min_keypoints > 0 and has_instances:
         all_records = [r for r in all_records if sum(
             sum(1 for v in a["keypoints"][2::3] if v > 0)
@@ -173,11 +264,71 @@ def get_validated_dataset_dicts(names: Sequence[str], *, policy: str = "skip",
             print_instances_class_histogram(all_records, class_names)
     if not all_records:
         raise ValueError(f"no valid records left in {', '.join(names)}")
-    return all_records, all_invalid
+    return all_records, all_problems
 
 
-def write_invalid_records(invalid: Sequence[InvalidRecord], path: str) -> None:
-    """Write the problems as a JSON list (one object per problem) to ``path``."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump([p.to_dict() for p in invalid], f, indent=1, default=str)
+@dataclass
+class DatasetCheck:
+    """
+    A training run's datasets, validated once before training (see :func:`validate_datasets`).
+
+    Attributes:
+        train_records (list[dict]): the valid records of ``DATASETS.TRAIN``.
+        test_records (dict[str, list[dict]]): the valid records of each ``DATASETS.TEST`` set.
+        problems (list[InvalidRecord]): every problem found, and the training records left
+            out as empty (kind "no_annotations").
+    """
+
+    train_records: List[Dict]
+    test_records: Dict[str, List[Dict]]
+    problems: List[InvalidRecord]
+
+    @property
+    def num_skipped(self) -> int:
+        """Image records skipped for problems (each counted once)."""
+        return len({(p.dataset, p.file_name, p.image_id) for p in self.problems
+                    if p.kind == "invalid"})
+
+
+def validate_datasets(cfg, report_path: Optional[str] = None) -> DatasetCheck:
+    """
+    Validate ``DATASETS.TRAIN`` (annotations and images) and ``DATASETS.TEST`` (images, and
+    the ground-truth file COCO evaluation will read) once, before training.
+
+    Raises:
+        InvalidRecordsError: under ``DATALOADER.INVALID_RECORDS: error``, listing every problem
+            of every dataset; under either policy, problems in an evaluation set's ground truth.
+    """
+    policy = check_invalid_record_policy(cfg.DATALOADER.INVALID_RECORDS)
+    max_pixels = check_max_image_pixels(cfg.INPUT.MAX_IMAGE_PIXELS)
+    problems: List[InvalidRecord] = []
+    train_records: List[Dict] = []
+    test_records: Dict[str, List[Dict]] = {}
+    if len(cfg.DATASETS.TRAIN):
+        train_records, problems = get_validated_dataset_dicts(
+            cfg.DATASETS.TRAIN, policy="skip", check_images=cfg.DATALOADER.CHECK_IMAGES,
+            require_segmentation=cfg.MODEL.MASK_ON,
+            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            min_keypoints=(cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
+                           if cfg.MODEL.KEYPOINT_ON else 0),
+            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+            max_image_pixels=max_pixels)
+    for i, name in enumerate(cfg.DATASETS.TEST):
+        try:
+            test_records[name], found = get_validated_dataset_dicts(
+                [name], policy="skip", check_images=cfg.DATALOADER.CHECK_IMAGES,
+                check_annotations=False, filter_empty=False,
+                proposal_files=([cfg.DATASETS.PROPOSAL_FILES_TEST[i]]
+                                if cfg.MODEL.LOAD_PROPOSALS else None),
+                max_image_pixels=max_pixels, ground_truth_problems_fatal=True)
+        except InvalidRecordsError as e:  # raised below, with the other sets' problems
+            found = e.problems
+        problems += found
+    names = dict.fromkeys(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+    _raise_for_policy(problems, policy, ", ".join(names), report_path)
+    return DatasetCheck(train_records, test_records, problems)
+
+
+def write_invalid_records(problems: Sequence[InvalidRecord], path: str) -> None:
+    """Write the problems as a JSON list (one object per problem) to ``path``, atomically."""
+    atomic_write_json(path, [p.to_dict() for p in problems], indent=1, default=str)

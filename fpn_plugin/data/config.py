@@ -1,4 +1,5 @@
 """Config keys of fpn_plugin.data (dataset-record validation before training)."""
+from .images import DEFAULT_MAX_IMAGE_PIXELS
 
 # Accepted values of DATALOADER.INVALID_RECORDS.
 INVALID_RECORD_POLICIES = ("skip", "error")
@@ -19,8 +20,13 @@ def add_data_config(cfg):
       ``data/invalid_records_skipped`` in the metrics. ``"error"``: refuse to start, with a
       ``ValueError`` listing the problems.
     - ``CHECK_IMAGES`` (default ``True``): whether the validation opens every image file (its
-      header only) to check that it exists, decodes and has the record's size. Turning it off
-      saves start-up time on huge datasets whose files are known to be good.
+      header only) to check that it exists, decodes, is not truncated (JPEG/PNG end marker),
+      is within ``INPUT.MAX_IMAGE_PIXELS`` and has the record's size. Turning it off saves
+      start-up time on huge datasets whose files are known to be good.
+
+    And ``cfg.INPUT.MAX_IMAGE_PIXELS`` (default 89,478,485, PIL's decompression-bomb
+    threshold; 0: no limit): an image whose header declares more pixels is refused before it
+    is decoded, by the validation, the training and evaluation loaders and the mask export.
 
     And under ``cfg.DATASETS.SHAPES``, the embedded shapes dataset that configs naming
     ``shapes_train``/``shapes_val`` use (``train_net.py`` and the demo generate it if missing):
@@ -29,6 +35,7 @@ def add_data_config(cfg):
     """
     cfg.DATALOADER.INVALID_RECORDS = "skip"
     cfg.DATALOADER.CHECK_IMAGES = True
+    cfg.INPUT.MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS
     # The embedded shapes dataset (fpn_plugin.data.shapes), used when DATASETS.TRAIN/TEST name
     # "shapes_train"/"shapes_val": train_net.py and the demo generate it if missing.
     cfg.DATASETS.SHAPES = type(cfg)()

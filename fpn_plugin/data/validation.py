@@ -1,45 +1,61 @@
 """
 Checks of Detectron2 dataset records (``list[dict]`` in Detectron2's standard format).
 
-A record that would crash a run midway (missing or unreadable image, an image whose size is
-not the record's) or train on garbage (degenerate or non-finite box, box outside the image,
-degenerate polygon, category outside the dataset's classes) is reported as an
-``InvalidRecord`` naming its file, image id and annotation. What to do with them (skip or
-refuse) is the caller's policy: see ``fpn_plugin.data.build`` and ``DATALOADER.INVALID_RECORDS``.
+A record that would crash a run midway (missing, unreadable or truncated image, an image
+whose size is not the record's or above ``INPUT.MAX_IMAGE_PIXELS``) or train on garbage
+(degenerate or non-finite box, box outside the image, degenerate polygon, category outside
+the dataset's classes) is reported as an ``InvalidRecord`` naming its file, image id and
+annotation. What to do with them (skip or refuse) is the caller's policy: see
+``fpn_plugin.data.build`` and ``DATALOADER.INVALID_RECORDS``.
 
 Pure Python/numpy apart from reading image headers with PIL; no Detectron2 state is touched.
 """
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from detectron2.structures import BoxMode
-from PIL import Image
+
+from .images import (DEFAULT_MAX_IMAGE_PIXELS, ImageFileError, check_image_complete,
+                     open_image_header)
 
 __all__ = ["InvalidRecord", "check_record_annotations", "check_image_file", "validate_records",
            "format_invalid_records"]
 
-# EXIF orientations that swap width and height (Detectron2 applies EXIF rotation on read).
-_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
-_EXIF_ORIENTATION_TAG = 0x0112
-
-
 @dataclass
 class InvalidRecord:
-    """One problem found in one record (several per record are possible)."""
+    """
+    One problem found in one record (several per record are possible), or a record left out
+    for another stated reason (``kind``).
+
+    Attributes:
+        dataset (str): dataset name.
+        file_name (str): the image file ("?" when unknown).
+        image_id: the record's image id (None for an annotation without an image).
+        annotation (int or None): index in the record's "annotations"; None: the image itself.
+        reason (str): what is wrong.
+        annotation_id: the dataset's own annotation id, where known (COCO JSON files).
+        kind (str): "invalid" (a problem; ``DATALOADER.INVALID_RECORDS`` decides) or
+            "no_annotations" (left out of training by ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``;
+            listed so that no record disappears unreported).
+    """
 
     dataset: str
     file_name: str
     image_id: object
-    annotation: Optional[int]  # index in record["annotations"]; None: the image itself
+    annotation: Optional[int]
     reason: str
+    annotation_id: Optional[object] = None
+    kind: str = "invalid"
 
     def __str__(self):
         where = f"{self.file_name} (dataset {self.dataset}, image_id={self.image_id}"
         if self.annotation is not None:
             where += f", annotation #{self.annotation}"
+        if self.annotation_id is not None:
+            where += f", annotation id {self.annotation_id}"
         return f"{where}): {self.reason}"
 
     def to_dict(self) -> Dict:
@@ -129,27 +145,22 @@ def check_record_annotations(record: Dict, num_classes: int,
     return problems
 
 
-def check_image_file(record: Dict) -> Optional[str]:
+def check_image_file(record: Dict, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Optional[str]:
     """
-    Check that the record's image exists, decodes (header) and has the record's size.
+    Check that the record's image exists, its header decodes, it is not truncated (JPEG,
+    PNG), has at most ``max_pixels`` pixels (0: no limit) and has the record's size.
 
     Returns:
         the reason it is unusable, or None.
     """
     path = record.get("file_name")
-    if not path or not os.path.isfile(path):
-        return "image file is missing"
     try:
-        with Image.open(path) as img:
-            width, height = img.size
-            try:
-                orientation = img.getexif().get(_EXIF_ORIENTATION_TAG)
-            except Exception:  # broken EXIF: Detectron2 ignores it too
-                orientation = None
-    except Exception as e:  # PIL raises several types for corrupt files
-        return f"image file is unreadable ({type(e).__name__}: {e})"
-    if orientation in _TRANSPOSING_ORIENTATIONS:
-        width, height = height, width
+        width, height = open_image_header(path, max_pixels)
+        check_image_complete(path)
+    except ImageFileError as e:
+        return str(e)
+    except OSError as e:
+        return f"image file {path!r} is unreadable ({type(e).__name__}: {e})"
     expected = (record.get("width"), record.get("height"))
     if None not in expected and (width, height) != tuple(expected):
         return f"image is {width}x{height} but the record says {expected[0]}x{expected[1]}"
@@ -158,8 +169,9 @@ def check_image_file(record: Dict) -> Optional[str]:
 
 def validate_records(records: Sequence[Dict], dataset: str, num_classes: int,
                      check_images: bool = True, check_annotations: bool = True,
-                     require_segmentation: bool = False,
-                     num_threads: int = 8) -> Tuple[List[Dict], List[InvalidRecord]]:
+                     require_segmentation: bool = False, num_threads: int = 8,
+                     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+                     ) -> Tuple[List[Dict], List[InvalidRecord]]:
     """
     Split records into valid ones and problems.
 
@@ -171,6 +183,7 @@ def validate_records(records: Sequence[Dict], dataset: str, num_classes: int,
         check_annotations (bool): check boxes, polygons and categories.
         require_segmentation (bool): see ``check_record_annotations``.
         num_threads (int): threads for the image checks.
+        max_pixels (int): the pixel limit of the image check (``INPUT.MAX_IMAGE_PIXELS``).
 
     Returns:
         valid (list[dict]): the records without any problem, in their order.
@@ -179,7 +192,8 @@ def validate_records(records: Sequence[Dict], dataset: str, num_classes: int,
     image_reasons = [None] * len(records)
     if check_images and records:
         with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
-            image_reasons = list(pool.map(check_image_file, records))
+            image_reasons = list(pool.map(partial(check_image_file, max_pixels=max_pixels),
+                                              records))
     valid, invalid = [], []
     for record, image_reason in zip(records, image_reasons):
         problems = [(None, image_reason)] if image_reason else []

@@ -1,7 +1,8 @@
 """Training-curve picture (losses and AP over iterations) from Detectron2's metrics.json."""
 import json
-import os
 from typing import Dict, List
+
+from ..utils.files import atomic_open
 
 __all__ = ["read_metrics", "plot_training_curve"]
 
@@ -91,7 +92,8 @@ def plot_training_curve(metrics_path: str, out_path: str) -> str:
     for ax in (ax_loss, ax_ap):  # one iteration scale for both panels
         ax.set_xlim(0, max(last, 1) * 1.03)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    fig.savefig(out_path, dpi=100)
+    # Atomic: a run killed while drawing never leaves a truncated PNG.
+    with atomic_open(out_path, "wb") as f:
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
     return out_path

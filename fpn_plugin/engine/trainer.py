@@ -3,31 +3,40 @@
 
 Differences from ``DefaultTrainer``:
 
-- Datasets are validated before training (``fpn_plugin.data.build``, policy
-  ``DATALOADER.INVALID_RECORDS``); skipped records are listed in
-  ``<OUTPUT_DIR>/invalid_records.json`` and counted as ``data/invalid_records_skipped`` in the
-  metrics (metrics.json, TensorBoard).
+- Checkpoints are read and written by ``fpn_plugin.checkpoint.SafeDetectionCheckpointer``
+  (``MODEL.WEIGHTS``, ``--resume``): a weights file never runs code, a save is atomic, and a
+  resume whose last checkpoint is damaged falls back to the newest intact one with a warning.
+  Checkpoints hold the optimizer state on Detectron2 v0.6 too (main already saves it), so
+  ``--resume`` continues with the same momentum / Adam moments.
+- Datasets are validated once, before training (``fpn_plugin.data.build.validate_datasets``,
+  policy ``DATALOADER.INVALID_RECORDS``): the report is kept as ``trainer.dataset_check``,
+  written to ``<OUTPUT_DIR>/invalid_records.json`` and counted as
+  ``data/invalid_records_skipped`` in the metrics; the training loader reuses the checked
+  records. Image reads are checked against ``INPUT.MAX_IMAGE_PIXELS`` and name the file on a
+  decode error.
 - ``SOLVER.OPTIMIZER`` picks Detectron2's SGD or AdamW (same parameter groups and clipping).
+- ``SOLVER.DIVERGENCE_FACTOR``: training stops with an error naming the iteration and
+  ``SOLVER.BASE_LR`` when the loss explodes (a non-finite loss, which already stops
+  Detectron2, is reported the same way).
 - ``build_evaluator`` returns COCO evaluation that works without Detectron2's compiled ops.
 - ``SOLVER.AMP.ENABLED`` is checked at build time: Detectron2's ``AMPTrainer`` (fp16 autocast
   and GradScaler) needs CUDA, so on another device the trainer refuses with a ``ValueError``
   instead of failing at the first iteration.
 - A training-curve picture (``training_curve.png``: losses and AP over iterations) is written
-  to ``OUTPUT_DIR`` after training.
-
-- Checkpoints hold the optimizer state on Detectron2 v0.6 too (main already saves it), so
-  ``--resume`` continues with the same momentum / Adam moments.
-
+  to ``OUTPUT_DIR`` after training; temporary files a killed run left there are removed first.
 - With several processes on CPU (gloo), the model is wrapped in DDP without ``device_ids``
   (``fpn_plugin.engine.ddp``): Detectron2 passes them whatever the device, which DDP refuses
   for a CPU model. On GPUs the wrapping is Detectron2's unchanged.
 
-Everything else (checkpointing every ``SOLVER.CHECKPOINT_PERIOD``, ``--resume`` from
-``last_checkpoint``, metrics.json / TensorBoard writers, ``TEST.EVAL_PERIOD`` evaluation,
-multi-GPU through ``detectron2.engine.launch``) is Detectron2's own.
+Everything else (checkpointing every ``SOLVER.CHECKPOINT_PERIOD``, metrics.json / TensorBoard
+writers, ``TEST.EVAL_PERIOD`` evaluation, multi-GPU through ``detectron2.engine.launch``) is
+Detectron2's own.
 """
+import functools
 import logging
+import math
 import os
+import statistics
 from typing import List, Optional
 
 import torch
@@ -37,17 +46,31 @@ from detectron2.solver import build_optimizer
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
 
-from ..data.build import check_invalid_record_policy, get_validated_dataset_dicts, write_invalid_records
+from ..checkpoint import SafeDetectionCheckpointer
+from ..data.build import (
+    InvalidRecordsError,
+    check_invalid_record_policy,
+    get_validated_dataset_dicts,
+    validate_datasets,
+    write_invalid_records,
+)
+from ..data.images import CheckedMapper, check_max_image_pixels
+from ..utils.files import remove_stale_temp_files, safe_file_stem
 from .config import OPTIMIZERS
 from .ddp import cpu_capable_ddp
 from .plotting import plot_training_curve
 
-__all__ = ["Trainer", "check_amp_config", "check_optimizer_config", "build_evaluator_for",
-           "build_optimizer_for"]
+__all__ = ["Trainer", "TrainingDivergedError", "check_amp_config", "check_training_config",
+           "build_evaluator_for", "build_optimizer_for"]
 
 logger = logging.getLogger(__name__)
 
 INVALID_RECORDS_METRIC = "data/invalid_records_skipped"
+INVALID_RECORDS_FILE = "invalid_records.json"
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The training loss exploded (see ``SOLVER.DIVERGENCE_FACTOR``)."""
 
 
 def check_amp_config(cfg) -> None:
@@ -65,8 +88,8 @@ def check_amp_config(cfg) -> None:
 
 def build_evaluator_for(cfg, dataset_name: str, output_folder: Optional[str] = None):
     """COCO box (and mask, if ``MODEL.MASK_ON``) evaluation of a registered dataset."""
-    if output_folder is None:
-        output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+    if output_folder is None:  # the name comes from the config: keep it one folder deep
+        output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", safe_file_stem(dataset_name))
     tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
     try:
         from ..evaluation.coco import build_coco_evaluator
@@ -82,10 +105,29 @@ def build_evaluator_for(cfg, dataset_name: str, output_folder: Optional[str] = N
 
 def check_optimizer_config(cfg) -> str:
     """Return ``SOLVER.OPTIMIZER`` if known, else raise a ``ValueError`` naming the key."""
-    name = cfg.SOLVER.get("OPTIMIZER", "SGD")
+    name = cfg.SOLVER.OPTIMIZER
     if name not in OPTIMIZERS:
         raise ValueError(f"SOLVER.OPTIMIZER must be one of {OPTIMIZERS}, got {name!r}")
     return name
+
+
+def check_training_config(cfg) -> None:
+    """
+    The trainer's one validation point: every key it reads itself, checked before anything is
+    built (each error names its key).
+    """
+    check_amp_config(cfg)
+    check_invalid_record_policy(cfg.DATALOADER.INVALID_RECORDS)
+    check_optimizer_config(cfg)
+    check_max_image_pixels(cfg.INPUT.MAX_IMAGE_PIXELS)
+    factor = cfg.SOLVER.DIVERGENCE_FACTOR
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or \
+            not math.isfinite(factor) or (factor != 0 and factor <= 1):
+        raise ValueError(f"SOLVER.DIVERGENCE_FACTOR must be 0 (off) or a finite number > 1, "
+                         f"got {factor!r}")
+    lr = cfg.SOLVER.BASE_LR
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"SOLVER.BASE_LR must be a finite number > 0, got {lr!r}")
 
 
 def build_optimizer_for(cfg, model) -> torch.optim.Optimizer:
@@ -118,6 +160,42 @@ class _InvalidRecordsMetric(HookBase):
                                         smoothing_hint=False)
 
 
+class _DivergenceGuard(HookBase):
+    """
+    Stops training when the total loss explodes: the median of the last ``window`` losses
+    above ``factor`` times the start's loss (the lowest of the first ``window``: a learning
+    rate far too high blows the loss up within the first few steps). Raises
+    :class:`TrainingDivergedError` naming the iteration and ``SOLVER.BASE_LR``.
+    """
+
+    def __init__(self, factor: float, base_lr: float, window: int = 5):
+        self._factor = factor
+        self._base_lr = base_lr
+        self._window = window
+        self._reference: Optional[float] = None
+
+    def after_step(self):
+        try:
+            history = self.trainer.storage.history("total_loss")
+        except KeyError:  # only the main process records losses
+            return
+        values = [v for v, _ in history.values()]
+        if len(values) < self._window:
+            return
+        if self._reference is None:
+            self._reference = min(values[:self._window])
+        recent = statistics.median(values[-self._window:])
+        if self._reference > 0 and recent > self._factor * self._reference:
+            message = (
+                f"training diverged at iteration {self.trainer.iter}: the total loss (median "
+                f"of the last {self._window} iterations) is {recent:.4g}, more than "
+                f"SOLVER.DIVERGENCE_FACTOR={self._factor:g} times its value at the start "
+                f"({self._reference:.4g}). Lower SOLVER.BASE_LR (now {self._base_lr:g}) and "
+                "start again (or --resume from a checkpoint written before the divergence).")
+            logger.error(message)
+            raise TrainingDivergedError(message)
+
+
 class _TrainingCurve(HookBase):
     """Draws ``training_curve.png`` from metrics.json once the writers have flushed it."""
 
@@ -135,34 +213,62 @@ class _TrainingCurve(HookBase):
             logger.warning(f"Could not draw the training curve: {e}")
 
 
+class _NoTracebackForDivergence(logging.Filter):
+    """Detectron2's train loop logs every exception with its traceback; a diverging run is
+    reported by the error message alone."""
+
+    def filter(self, record):
+        return not (record.exc_info and isinstance(record.exc_info[1], FloatingPointError))
+
+
 class Trainer(DefaultTrainer):
     """
-    ``DefaultTrainer`` with validated datasets, COCO evaluation, an AMP check and a
-    training-curve picture (see the module docstring). Build it like ``DefaultTrainer``:
-    ``Trainer(cfg)``, then ``resume_or_load(resume=...)`` and ``train()``.
+    ``DefaultTrainer`` with safe checkpoints, validated datasets, COCO evaluation, an AMP check,
+    a divergence guard and a training-curve picture (see the module docstring). Build it like
+    ``DefaultTrainer``: ``Trainer(cfg)``, then ``resume_or_load(resume=...)`` and ``train()``.
+    A config without the plugin's keys gets their defaults
+    (``fpn_plugin.config.with_plugin_defaults``).
 
     Attributes:
-        invalid_records (list[InvalidRecord]): problems found in the training datasets
-            (their records were skipped; under policy "error" construction raises instead).
+        dataset_check (DatasetCheck): the validated records and every problem found in
+            ``DATASETS.TRAIN`` / ``DATASETS.TEST`` (their records were skipped; under policy
+            "error" construction raises instead).
+        invalid_records (list[InvalidRecord]): ``dataset_check.problems``.
     """
 
     def __init__(self, cfg):
-        check_amp_config(cfg)
-        check_invalid_record_policy(cfg.DATALOADER.INVALID_RECORDS)
-        check_optimizer_config(cfg)
-        # Inference sets are read only at evaluation, possibly hours from now: check their
-        # images first, so a bad file stops the run now (policy "error") or is skipped later.
-        for name in cfg.DATASETS.TEST:
-            self.build_test_loader(cfg, name)
-        with cpu_capable_ddp():  # Detectron2's DDP wrapping refuses CPU models (device_ids)
-            super().__init__(cfg)
-        loader = self._trainer.data_loader
-        self.invalid_records = list(getattr(loader, "fpn_plugin_invalid_records", []))
-        if self.invalid_records and comm.is_main_process():
-            path = os.path.join(cfg.OUTPUT_DIR, "invalid_records.json")
-            write_invalid_records(self.invalid_records, path)
-            logger.warning(f"{len(self.invalid_records)} problem(s) in the training data; "
-                           f"the records were skipped and are listed in {path}")
+        cfg = _with_plugin_defaults(cfg)
+        check_training_config(cfg)
+        main = comm.is_main_process()
+        if main:
+            os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+            for path in remove_stale_temp_files(cfg.OUTPUT_DIR):
+                logger.info(f"Removed {path}, a partial file left by an interrupted run")
+        report = os.path.join(cfg.OUTPUT_DIR, INVALID_RECORDS_FILE)
+        try:
+            self.dataset_check = validate_datasets(cfg, report_path=report if main else None)
+        except InvalidRecordsError as e:  # the full list goes to the report the message names
+            if main:
+                write_invalid_records(e.problems, report)
+            raise
+        if self.dataset_check.problems and main:
+            write_invalid_records(self.dataset_check.problems, report)
+            logger.warning(f"{len(self.dataset_check.problems)} record(s) of the datasets were "
+                           f"left out ({self.dataset_check.num_skipped} image record(s) with "
+                           f"problems); all are listed in {report}")
+        # DefaultTrainer.__init__ (and PreciseBN) call self.build_train_loader(cfg): hand them
+        # the records checked above rather than loading and checking DATASETS.TRAIN again.
+        self.build_train_loader = functools.partial(
+            type(self).build_train_loader, records=self.dataset_check.train_records)
+        try:
+            with cpu_capable_ddp():  # Detectron2's DDP wrapping refuses CPU models (device_ids)
+                super().__init__(cfg)
+        finally:
+            del self.build_train_loader
+
+    @property
+    def invalid_records(self):
+        return self.dataset_check.problems
 
     # Detectron2 main checkpoints the inner trainer (optimizer state, AMP grad scaler) under
     # "_trainer"; v0.6 saves only the iteration and hook state, so a resumed run would restart
@@ -180,33 +286,37 @@ class Trainer(DefaultTrainer):
         if not self._BASE_SAVES_TRAINER and "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
 
-    @classmethod
-    def _skipped_record_count(cls, invalid) -> int:
-        return len({(p.dataset, p.file_name, p.image_id) for p in invalid})
+    def train(self):
+        """Detectron2's training loop; a diverging run ends with its message, no traceback."""
+        loop_logger = logging.getLogger("detectron2.engine.train_loop")
+        quiet = _NoTracebackForDivergence()
+        loop_logger.addFilter(quiet)
+        try:
+            return super().train()
+        except TrainingDivergedError:
+            raise
+        except FloatingPointError as e:  # Detectron2's "Loss became infinite or NaN at ..."
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else "non-finite loss"
+            raise TrainingDivergedError(
+                f"training diverged: {first_line} Lower SOLVER.BASE_LR (now "
+                f"{self.cfg.SOLVER.BASE_LR:g}) and start again (or --resume from a checkpoint "
+                "written before the divergence).") from e
+        finally:
+            loop_logger.removeFilter(quiet)
 
     @classmethod
-    def build_train_loader(cls, cfg):
+    def build_train_loader(cls, cfg, records=None):
         """
-        Detectron2's train loader over the validated records of ``DATASETS.TRAIN``.
-
-        Returns:
-            the data loader; its attribute ``fpn_plugin_invalid_records`` lists the problems
-            found (``DefaultTrainer`` builds the loader inside its constructor, so the report
-            travels with it).
+        Detectron2's train loader over validated records of ``DATASETS.TRAIN`` (``records``
+        when given, as the trainer passes its checked ones; else loaded and checked now), with
+        image reads checked against ``INPUT.MAX_IMAGE_PIXELS``.
         """
-        records, invalid = get_validated_dataset_dicts(
-            cfg.DATASETS.TRAIN,
-            policy=check_invalid_record_policy(cfg.DATALOADER.INVALID_RECORDS),
-            check_images=cfg.DATALOADER.CHECK_IMAGES,
-            require_segmentation=cfg.MODEL.MASK_ON,
-            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-            min_keypoints=(cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
-                           if cfg.MODEL.KEYPOINT_ON else 0),
-            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
-        )
-        loader = build_detection_train_loader(cfg, mapper=DatasetMapper(cfg, True), dataset=records)
-        loader.fpn_plugin_invalid_records = invalid
-        return loader
+        cfg = _with_plugin_defaults(cfg)
+        if records is None:
+            check = validate_datasets(_without_test_sets(cfg))
+            records = check.train_records
+        mapper = CheckedMapper(DatasetMapper(cfg, True), cfg.INPUT.MAX_IMAGE_PIXELS)
+        return build_detection_train_loader(cfg, mapper=mapper, dataset=records)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -215,9 +325,11 @@ class Trainer(DefaultTrainer):
         (inference never reads annotations, so only images can break it). Under "skip", an
         image that cannot be read is left out; its objects then count as missed in COCO AP.
         """
+        cfg = _with_plugin_defaults(cfg)
         proposal_files = None
         if cfg.MODEL.LOAD_PROPOSALS:
-            proposal_files = [cfg.DATASETS.PROPOSAL_FILES_TEST[list(cfg.DATASETS.TEST).index(dataset_name)]]
+            index = list(cfg.DATASETS.TEST).index(dataset_name)
+            proposal_files = [cfg.DATASETS.PROPOSAL_FILES_TEST[index]]
         records, _ = get_validated_dataset_dicts(
             [dataset_name],
             policy=check_invalid_record_policy(cfg.DATALOADER.INVALID_RECORDS),
@@ -225,8 +337,11 @@ class Trainer(DefaultTrainer):
             check_annotations=False,
             filter_empty=False,
             proposal_files=proposal_files,
+            max_image_pixels=cfg.INPUT.MAX_IMAGE_PIXELS,
+            ground_truth_problems_fatal=True,
         )
-        return build_detection_test_loader(dataset=records, mapper=DatasetMapper(cfg, False),
+        mapper = CheckedMapper(DatasetMapper(cfg, False), cfg.INPUT.MAX_IMAGE_PIXELS)
+        return build_detection_test_loader(dataset=records, mapper=mapper,
                                            num_workers=cfg.DATALOADER.NUM_WORKERS)
 
     @classmethod
@@ -239,11 +354,31 @@ class Trainer(DefaultTrainer):
         return build_evaluator_for(cfg, dataset_name, output_folder)
 
     def build_hooks(self) -> List[HookBase]:
+        # DefaultTrainer.__init__ made a DetectionCheckpointer, which unpickles .pkl files
+        # freely; swap it for the safe one before the checkpoint hook takes it.
+        self.checkpointer = SafeDetectionCheckpointer(
+            self.checkpointer.model, self.cfg.OUTPUT_DIR, **self.checkpointer.checkpointables)
         hooks = super().build_hooks()
-        num_skipped = self._skipped_record_count(
-            getattr(self._trainer.data_loader, "fpn_plugin_invalid_records", []))
-        hooks.insert(0, _InvalidRecordsMetric(num_skipped))
+        hooks.insert(0, _InvalidRecordsMetric(self.dataset_check.num_skipped))
+        if self.cfg.SOLVER.DIVERGENCE_FACTOR:
+            # Early, so that a diverged model is never checkpointed or evaluated.
+            hooks.insert(1, _DivergenceGuard(self.cfg.SOLVER.DIVERGENCE_FACTOR,
+                                             self.cfg.SOLVER.BASE_LR))
         if comm.is_main_process():
             # Last, so it runs after PeriodicWriter has flushed metrics.json in after_train.
             hooks.append(_TrainingCurve(self.cfg.OUTPUT_DIR))
         return hooks
+
+
+def _with_plugin_defaults(cfg):
+    # Imported here: fpn_plugin.config imports this package (for its config keys).
+    from ..config import with_plugin_defaults
+
+    return with_plugin_defaults(cfg)
+
+
+def _without_test_sets(cfg):
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.DATASETS.TEST = ()
+    return cfg

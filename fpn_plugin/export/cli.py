@@ -6,8 +6,11 @@ Command line of the mask export::
 
 Trailing KEY VALUE pairs override config keys (Detectron2's ``opts``). Exit status: 0 on
 success (skipped unreadable images are listed in the log and in summary.json), 2 on bad
-input (message on stderr, no traceback), 130 when interrupted. Progress and logs go to stderr;
-stdout gets one JSON line (results path and counts), and a second with metrics under --eval.
+input (one ``error: ...`` line on stderr naming the option, key, file or id; no traceback),
+130 when interrupted. Numbers are checked by ``ExportOptions`` (e.g. --max-images >= 1,
+--score-threshold in [0, 1]); the largest image decoded is INPUT.MAX_IMAGE_PIXELS. Progress
+and logs go to stderr; stdout gets one JSON line (results path and counts), and a second with
+metrics under --eval.
 """
 import argparse
 import contextlib
@@ -17,9 +20,24 @@ import os
 import sys
 from typing import List, Optional
 
+from ..utils.cli import EXIT_BAD_INPUT, quiet_third_party_noise
+
 __all__ = ["build_parser", "main", "setup_cfg"]
 
 logger = logging.getLogger("fpn_plugin.export")
+
+
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (not the one at set-up),
+    so repeated in-process runs with redirected streams never write to a closed one."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
 
 
 def _log_to_stderr() -> None:
@@ -28,10 +46,9 @@ def _log_to_stderr() -> None:
     for name in ("fpn_plugin", "detectron2"):
         log = logging.getLogger(name)
         log.setLevel(logging.INFO)
-        if not any(getattr(h, "_fpn_plugin_cli", False) for h in log.handlers):
-            handler = logging.StreamHandler(sys.stderr)
+        if not any(isinstance(h, _CurrentStderrHandler) for h in log.handlers):
+            handler = _CurrentStderrHandler()
             handler.setFormatter(formatter)
-            handler._fpn_plugin_cli = True
             log.addHandler(handler)
 
 
@@ -53,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="register --dataset NAME from a COCO JSON and its image folder first")
     p.add_argument("--output", required=True, metavar="DIR", help="output folder")
     p.add_argument("--score-threshold", type=float, default=0.5,
-                   help="min score of instances in PNGs/overlays (JSON keeps all); default 0.5")
+                   help="min score (0-1) of instances in PNGs/overlays (JSON keeps all); "
+                        "default 0.5")
     p.add_argument("--binary-masks", action="store_true", help="also one PNG per instance")
     p.add_argument("--no-overlays", action="store_true", help="skip the overlay pictures")
     p.add_argument("--eval", action="store_true",
@@ -70,21 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_cfg(config_file: str, opts: List[str], device: Optional[str] = None):
-    """get_cfg + fpn_plugin keys + the YAML + overrides; frozen."""
+    """``fpn_plugin.config.load_config`` + the device choice; frozen."""
     import torch
-    from detectron2.config import get_cfg
 
-    from .. import add_fpn_plugin_config
+    from ..config import load_config
 
-    cfg = get_cfg()
-    add_fpn_plugin_config(cfg)
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"config file not found: {config_file!r}")
-    try:
-        cfg.merge_from_file(config_file)
-        cfg.merge_from_list(list(opts))
-    except (KeyError, AssertionError) as e:  # yacs: unknown key, odd number of overrides
-        raise ValueError(f"bad config ({config_file}, overrides {list(opts)}): {e}") from e
+    cfg = load_config(config_file, opts, freeze=False)
     if device:
         cfg.MODEL.DEVICE = device
     elif str(cfg.MODEL.DEVICE).startswith("cuda") and not torch.cuda.is_available():
@@ -97,13 +106,14 @@ def setup_cfg(config_file: str, opts: List[str], device: Optional[str] = None):
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the export command; returns the exit status."""
+    quiet_third_party_noise()
     args = build_parser().parse_args(argv)
     _log_to_stderr()
 
     from ..checkpoint import CheckpointError
     from ..data.shapes import register_shapes_if_named
     from ..evaluation import build_coco_evaluator
-    from .export import export_masks
+    from .export import check_output_dir, export_masks
 
     try:
         if args.register_coco:
@@ -121,6 +131,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             register_shapes_if_named(cfg, [args.dataset])
         evaluator = None
         if args.eval:
+            check_output_dir(args.output)  # before the evaluator writes into it
             evaluator = build_coco_evaluator(args.dataset, os.path.join(args.output, "coco_eval"),
                                              tasks=("bbox", "segm"), distributed=False)
         # stdout carries only the final JSON lines; pycocotools prints its tables to stdout.
@@ -134,7 +145,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             )
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted: no results JSON written (a previous complete one is unchanged)",
               file=sys.stderr)

@@ -10,22 +10,36 @@ Output layout under ``output_dir``::
                                   name (the stem used for the per-image files below)
     instance_maps/<name>.png      16-bit instance ids (0 = background, k = k-th instance listed
                                   in <name>.json); instances with score >= score_threshold
-    instance_maps/<name>.json     those instances: id, category_id, category, score, bbox (XYWH)
+    instance_maps/<name>.json     image_id, file_name, name and those instances: id,
+                                  category_id, category, score, bbox (XYWH)
     instance_masks/<name>/<k>.png one 0/255 PNG per instance k (only with binary_masks=True)
     overlays/<name>.jpg           the image with those instances drawn (overlays=True)
-    summary.json                  counts, skipped images with reasons, timings, metrics
+    summary.json                  counts, skipped images with reasons, renamed images, timings,
+                                  metrics
+
+``<name>`` is made from the image's file name (or id) by ``fpn_plugin.utils.files``: letters,
+digits, ``._-`` only, unique within the export. Whatever a dataset's ids and file names hold
+(``../../x``, separators, duplicates), every file lands inside ``output_dir``; images.json, the
+per-image JSON and summary.json ("renamed") map each name back to its image id.
 
 Every file is written to a temporary name and renamed when complete, so an interrupted
 export never leaves a truncated file that looks complete (the results JSON of a previous
-complete run stays as it was). The JSON files are also fsynced; the many small per-image files
-are not (a power loss, unlike a crash of the process, may lose the last few of them).
+complete run stays as it was). Temporary files a killed export (SIGKILL) left behind are
+removed by the next export into the same folder; a lock file keeps two exports from writing
+into one folder at once. The JSON files are also fsynced; the many small per-image files are
+not (a power loss, unlike a crash of the process, may lose the last few of them).
+
+The steps: :func:`plan_export` checks everything that can be checked before the model is built
+(:class:`ExportPlan`); :class:`_Inference` runs the model; :class:`ImageOutputWriter` writes one
+:class:`ImageResult`'s files.
 """
 import logging
 import math
 import os
 import time
-from contextlib import ExitStack
-from typing import Any, Dict, List, Optional, Tuple
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -34,22 +48,37 @@ from detectron2.data import detection_utils as d2_utils
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 
-from ..checkpoint import CheckpointError, SafeDetectionCheckpointer
-from ..inference import prepare_for_inference
+from ..checkpoint import CheckpointError, SafeDetectionCheckpointer, split_checkpoint_query
+from ..config import with_plugin_defaults
+from ..data.build import InvalidRecordsError, load_dataset_records
+from ..data.images import DEFAULT_MAX_IMAGE_PIXELS, check_max_image_pixels, read_image_checked
+from ..data.shapes import SHAPE_CLASSES, SHAPES_DATASET_NAMES
+from ..data.validation import format_invalid_records
 from ..evaluation.coco import check_dataset_registered
+from ..inference import prepare_for_inference
+from ..utils.files import remove_stale_temp_files, unique_file_stem
 from .coco_results import contiguous_to_dataset_ids, instances_to_coco_results
 from .masks import instance_id_map, score_order
 from .progress import ProgressLogger
 from .writers import StreamingJSONArrayWriter, atomic_write_json, write_image
 
-__all__ = ["IMAGE_EXTENSIONS", "RESULTS_FILE", "export_masks", "list_folder_images"]
+try:
+    import fcntl
+except ImportError:  # not POSIX: exports into one folder are then not kept apart
+    fcntl = None
+
+__all__ = ["IMAGE_EXTENSIONS", "RESULTS_FILE", "ExportOptions", "ExportPlan", "ImageOutputWriter",
+           "ImageResult", "check_output_dir", "export_masks", "list_folder_images", "plan_export"]
 
 logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "coco_instances_results.json"
 IMAGES_FILE = "images.json"
 SUMMARY_FILE = "summary.json"
+LOCK_FILE = ".export.lock"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# Sub-folders the export writes into (where stale temporary files are looked for).
+_SUBFOLDERS = ("instance_maps", "overlays", "instance_masks", "coco_eval")
 
 
 def list_folder_images(image_dir: str) -> List[str]:
@@ -71,6 +100,200 @@ def list_folder_images(image_dir: str) -> List[str]:
     return files
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """
+    What to write, validated once (each error names the argument and its CLI option).
+
+    Attributes:
+        score_threshold (float): in [0, 1]; minimum score of the instances drawn in the id
+            PNGs, binary masks and overlays (the results JSON keeps every detection).
+        binary_masks (bool): also one 0/255 PNG per instance.
+        overlays (bool): a JPEG of the masks drawn on the image.
+        max_images (int or None): export only the first N (>= 1) images.
+        progress_period_s (float): seconds (>= 0) between progress lines.
+        max_image_pixels (int): images declaring more pixels are skipped unread (0: no limit).
+    """
+
+    score_threshold: float = 0.5
+    binary_masks: bool = False
+    overlays: bool = True
+    max_images: Optional[int] = None
+    progress_period_s: float = 10.0
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+
+    def __post_init__(self):
+        t = self.score_threshold
+        if not _is_number(t) or not math.isfinite(t) or not 0.0 <= t <= 1.0:
+            raise ValueError(f"score_threshold (--score-threshold) must be a number in [0, 1], "
+                             f"got {t!r}")
+        n = self.max_images
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise ValueError(f"max_images (--max-images) must be an integer >= 1, got {n!r}")
+        p = self.progress_period_s
+        if not _is_number(p) or not math.isfinite(p) or p < 0:
+            raise ValueError(f"progress_period_s (--progress-period) must be a number >= 0, "
+                             f"got {p!r}")
+        check_max_image_pixels(self.max_image_pixels)
+
+
+@dataclass
+class ExportItem:
+    """One image to export; ``name`` is the safe, unique stem of its per-image files."""
+
+    image_id: Any
+    file_name: str
+    height: Optional[int]
+    width: Optional[int]
+    name: str = ""
+
+
+@dataclass
+class ExportPlan:
+    """Everything :func:`plan_export` checked before the model is built."""
+
+    weights: str
+    items: List[ExportItem]
+    output_dir: str
+    dataset: Optional[str]
+    image_dir: Optional[str]
+    metadata: Any = None  # Detectron2 Metadata naming the classes, or None
+    to_dataset: Optional[Dict[int, int]] = None  # model class -> dataset category id
+    class_names: Optional[Sequence[str]] = None
+    renamed: List[Dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class ImageResult:
+    """One image's prediction, ready to be written."""
+
+    item: ExportItem
+    image: np.ndarray  # (H, W, C) uint8 in cfg.INPUT.FORMAT
+    instances: Any  # detectron2 Instances on CPU, at the image's size
+
+
+def _check_weights(weights: str) -> None:
+    local, _ = split_checkpoint_query(weights)
+    if "://" not in local and not os.path.isfile(local):
+        raise CheckpointError(f"checkpoint file not found: {weights!r}")
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Create ``output_dir`` if needed; raise a ``ValueError`` naming it if it is unusable."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"output folder (--output) {output_dir!r} exists and is not a folder")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the output folder (--output) {output_dir!r}: {e}") from e
+    if not os.access(output_dir, os.W_OK | os.X_OK):
+        raise ValueError(f"output folder (--output) {output_dir!r} is not writable")
+
+
+def _dataset_items(dataset: str) -> List[ExportItem]:
+    check_dataset_registered(dataset)
+    loaded = load_dataset_records(dataset)
+    if loaded.problems:
+        raise InvalidRecordsError(
+            f"dataset {dataset!r}: {len(loaded.problems)} problem(s) in its annotation file; "
+            "fix them (or export the images with --images):\n"
+            + format_invalid_records(loaded.problems), loaded.problems)
+    # Detectron2 dataset dicts: small per image (paths, sizes, annotations), not pixels.
+    return [ExportItem(r.get("image_id", i), r["file_name"], r.get("height"), r.get("width"))
+            for i, r in enumerate(loaded.records)]
+
+
+def _name_items(items: List[ExportItem]) -> List[Dict[str, Any]]:
+    """Give each item a safe unique ``name``; return those that differ from their file stem."""
+    used: set = set()
+    renamed = []
+    for item in items:
+        stem = os.path.splitext(os.path.basename(str(item.file_name)))[0]
+        item.name = unique_file_stem(stem or item.image_id, used, fallback="image")
+        if item.name != stem:
+            renamed.append({"image_id": item.image_id, "file_name": item.file_name,
+                            "name": item.name})
+    return renamed
+
+
+def _static_shapes_metadata():
+    """Class names and ids of the embedded shapes dataset, without generating it."""
+    from detectron2.data.catalog import Metadata
+
+    return Metadata(name="shapes", thing_classes=list(SHAPE_CLASSES),
+                    thing_dataset_id_to_contiguous_id={i + 1: i
+                                                       for i in range(len(SHAPE_CLASSES))})
+
+
+def _metadata_for(cfg, dataset: Optional[str], metadata_name: Optional[str]):
+    """The metadata naming the classes: the dataset's, else ``metadata_name``'s, else
+    ``DATASETS.TEST[0]``'s (a COCO dataset registered but not loaded yet is loaded for it)."""
+    if dataset is not None:
+        return MetadataCatalog.get(metadata_name or dataset)
+    name = metadata_name or (cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else None)
+    if name is None:
+        return None
+    if name not in DatasetCatalog.list():
+        if name in SHAPES_DATASET_NAMES:
+            return _static_shapes_metadata()
+        logger.warning("%r (DATASETS.TEST[0]) is not registered: category ids are the model's "
+                       "contiguous ids, classes unnamed", name)
+        return None
+    metadata = MetadataCatalog.get(name)
+    if not metadata.get("thing_classes"):
+        # COCO-JSON datasets get their class names and id mapping only when loaded.
+        try:
+            DatasetCatalog.get(name)
+        except Exception as e:  # e.g. its files are not on this machine
+            logger.warning("class names of %r unavailable (%s: %s); writing contiguous ids",
+                           name, type(e).__name__, e)
+    return metadata
+
+
+def plan_export(cfg, weights: Optional[str], *, output_dir: str, dataset: Optional[str],
+                image_dir: Optional[str], options: ExportOptions,
+                metadata_name: Optional[str] = None) -> ExportPlan:
+    """
+    Check everything cheap to check before the model is built, and list the images.
+
+    Raises:
+        ValueError, FileNotFoundError, CheckpointError: naming the argument, file or dataset.
+    """
+    if (dataset is None) == (image_dir is None):
+        raise ValueError("pass exactly one of dataset= (a registered name) and image_dir=")
+    weights = weights or cfg.MODEL.WEIGHTS
+    if not weights:
+        raise ValueError("no weights: pass weights= (or --weights) or set MODEL.WEIGHTS")
+    _check_weights(weights)
+    device = str(cfg.MODEL.DEVICE)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"MODEL.DEVICE is {device!r} but CUDA is not available; "
+                         "set MODEL.DEVICE to 'cpu'")
+    check_output_dir(output_dir)
+    if dataset is not None:
+        items = _dataset_items(dataset)
+    else:
+        items = [ExportItem(i + 1, f, None, None)
+                 for i, f in enumerate(list_folder_images(image_dir))]
+    if options.max_images is not None:
+        items = items[:options.max_images]
+    renamed = _name_items(items)
+
+    metadata = _metadata_for(cfg, dataset, metadata_name)
+    to_dataset = contiguous_to_dataset_ids(metadata)
+    if to_dataset is not None and len(to_dataset) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+        raise ValueError(
+            f"MODEL.ROI_HEADS.NUM_CLASSES is {cfg.MODEL.ROI_HEADS.NUM_CLASSES} but "
+            f"{metadata.get('name', metadata_name)!r} has {len(to_dataset)} classes")
+    class_names = metadata.get("thing_classes") if metadata is not None else None
+    return ExportPlan(weights, items, output_dir, dataset, image_dir, metadata, to_dataset,
+                      class_names, renamed)
+
+
 class _Inference:
     """build_model + safe strict weight loading + test-time resize, like DefaultPredictor."""
 
@@ -78,8 +301,7 @@ class _Inference:
         self.model = build_model(cfg)
         self.model.eval()
         SafeDetectionCheckpointer(self.model, strict=True).load(weights, checkpointables=[])
-        if "FAST_INFERENCE" in cfg.MODEL:  # configs without the plugin's keys run plain fp32
-            prepare_for_inference(self.model, cfg)
+        prepare_for_inference(self.model, cfg)
         self.augmentations = T.AugmentationList(d2_utils.build_augmentation(cfg, is_train=False))
 
     def __call__(self, image: np.ndarray, inputs: Dict[str, Any]) -> Dict[str, Any]:
@@ -100,60 +322,98 @@ class _Inference:
             return self.model([model_input])[0]
 
 
-def _unique_name(file_name: str, image_id, used: set) -> str:
-    name = os.path.splitext(os.path.basename(file_name))[0] or str(image_id)
-    if name in used:
-        name = f"{name}_{image_id}"
-    used.add(name)
-    return name
+class ImageOutputWriter:
+    """
+    Writes one image's files (id PNG, instance list, binary masks, overlay) under
+    ``output_dir`` (layout in the module docstring).
+
+    Per-image files are atomic but not fsynced (two syncs per small file add up); the results
+    JSON, images.json and summary.json are fsynced.
+    """
+
+    def __init__(self, output_dir: str, options: ExportOptions, image_format: str, metadata=None,
+                 to_dataset: Optional[Dict[int, int]] = None,
+                 class_names: Optional[Sequence[str]] = None):
+        self.output_dir = output_dir
+        self.options = options
+        self.image_format = image_format
+        self.metadata = metadata
+        self.to_dataset = to_dataset
+        self.class_names = class_names
+
+    def _path(self, *parts: str) -> str:
+        return os.path.join(self.output_dir, *parts)
+
+    def shown_instances(self, result: ImageResult):
+        """The instances drawn: score >= threshold, highest score first."""
+        scores = result.instances.scores.numpy()
+        keep = score_order(scores)
+        keep = keep[scores[keep] >= self.options.score_threshold]
+        return result.instances[torch.as_tensor(keep, dtype=torch.long)]
+
+    def _listing(self, shown) -> List[Dict[str, Any]]:
+        boxes = shown.pred_boxes.tensor.numpy()
+        listed = []
+        for k in range(len(shown)):
+            cls = int(shown.pred_classes[k])
+            x0, y0, x1, y1 = (float(v) for v in boxes[k])
+            names = self.class_names
+            listed.append({
+                "id": k + 1,
+                "category_id": self.to_dataset[cls] if self.to_dataset is not None else cls,
+                "category": names[cls] if names and cls < len(names) else None,
+                "score": float(shown.scores[k]),
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+            })
+        return listed
+
+    def write(self, result: ImageResult) -> None:
+        shown = self.shown_instances(result)
+        height, width = result.image.shape[:2]
+        has_masks = shown.has("pred_masks")
+        masks = shown.pred_masks.numpy().astype(bool) if has_masks else \
+            np.zeros((len(shown), height, width), dtype=bool)
+        name = result.item.name
+        write_image(self._path("instance_maps", name + ".png"), instance_id_map(masks),
+                    durable=False)
+        atomic_write_json(self._path("instance_maps", name + ".json"), {
+            "image_id": result.item.image_id, "file_name": result.item.file_name, "name": name,
+            "height": height, "width": width, "has_masks": has_masks,
+            "instances": self._listing(shown)}, durable=False)
+        if self.options.binary_masks:
+            for k in range(len(shown)):
+                write_image(self._path("instance_masks", name, f"{k + 1}.png"),
+                            masks[k].astype(np.uint8) * 255, durable=False)
+        if self.options.overlays:
+            self._write_overlay(name, result.image, shown)
+
+    def _write_overlay(self, name: str, image: np.ndarray, shown) -> None:
+        from detectron2.utils.visualizer import ColorMode, Visualizer
+
+        rgb = d2_utils.convert_image_to_rgb(image, self.image_format)
+        drawn = Visualizer(rgb, self.metadata, instance_mode=ColorMode.IMAGE) \
+            .draw_instance_predictions(shown).get_image()
+        write_image(self._path("overlays", name + ".jpg"),
+                    np.ascontiguousarray(drawn[:, :, ::-1]), durable=False)
 
 
-def _check_inputs(cfg, weights: Optional[str], dataset: Optional[str],
-                  image_dir: Optional[str]) -> Tuple[str, List[Dict[str, Any]]]:
-    """Validate everything cheap to validate before building the model; list the images."""
-    if (dataset is None) == (image_dir is None):
-        raise ValueError("pass exactly one of dataset= (a registered name) and image_dir=")
-    weights = weights or cfg.MODEL.WEIGHTS
-    if not weights:
-        raise ValueError("no weights: pass weights= (or --weights) or set MODEL.WEIGHTS")
-    if "://" not in weights and not os.path.isfile(weights):
-        raise CheckpointError(f"checkpoint file not found: {weights!r}")
-    device = str(cfg.MODEL.DEVICE)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"MODEL.DEVICE is {device!r} but CUDA is not available; "
-                         "set MODEL.DEVICE to 'cpu'")
-    if dataset is not None:
-        check_dataset_registered(dataset)
-        # Detectron2 dataset dicts: small per image (paths, sizes, annotations), not pixels.
-        items = [
-            {"image_id": d.get("image_id", i), "file_name": d["file_name"],
-             "height": d.get("height"), "width": d.get("width")}
-            for i, d in enumerate(DatasetCatalog.get(dataset))
-        ]
-    else:
-        items = [{"image_id": i + 1, "file_name": f, "height": None, "width": None}
-                 for i, f in enumerate(list_folder_images(image_dir))]
-    return weights, items
-
-
-def _check_num_classes(cfg, to_dataset: Optional[Dict[int, int]], metadata_name: str) -> None:
-    if to_dataset is not None and len(to_dataset) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
-        raise ValueError(
-            f"MODEL.ROI_HEADS.NUM_CLASSES is {cfg.MODEL.ROI_HEADS.NUM_CLASSES} but "
-            f"{metadata_name!r} has {len(to_dataset)} classes"
-        )
-
-
-def _load_metadata(name: str) -> None:
-    """COCO-JSON datasets get their class names and id mapping only when loaded; loading
-    the dataset dicts once fills them. A failure only costs the names (logged)."""
-    if name not in DatasetCatalog.list():
-        return
-    try:
-        DatasetCatalog.get(name)
-    except Exception as e:  # e.g. its files are not on this machine
-        logger.warning("class names of %r unavailable (%s: %s); writing contiguous ids",
-                       name, type(e).__name__, e)
+@contextmanager
+def _exclusive_output_folder(output_dir: str) -> Iterator[None]:
+    """Hold the folder's lock file; remove temporary files a killed export left there."""
+    with open(os.path.join(output_dir, LOCK_FILE), "a") as lock:
+        try:
+            if fcntl is not None:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ValueError(f"another export is writing to {output_dir!r} (it holds "
+                             f"{LOCK_FILE}); wait for it or pick another --output") from None
+        folders = [output_dir] + [os.path.join(output_dir, d) for d in _SUBFOLDERS]
+        removed = [p for i, folder in enumerate(folders)
+                   for p in remove_stale_temp_files(folder, recursive=i > 0)]
+        if removed:
+            logger.info("removed %d partial file(s) left by an interrupted export in %s",
+                        len(removed), output_dir)
+        yield  # closing the file releases the lock
 
 
 def _finite_or_none(obj):
@@ -163,6 +423,17 @@ def _finite_or_none(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
+
+
+def _evaluate(evaluator, summary: Dict[str, Any]) -> Optional[str]:
+    """Run the evaluator into ``summary``; return the error message if it failed."""
+    try:
+        summary["metrics"] = _finite_or_none(dict(evaluator.evaluate() or {}))
+        return None
+    except Exception as e:  # the export itself is complete; say so and keep its summary
+        summary["metrics"] = None
+        summary["evaluation_error"] = f"{type(e).__name__}: {e}"
+        return summary["evaluation_error"]
 
 
 def export_masks(cfg, weights: Optional[str] = None, *, output_dir: str,
@@ -175,19 +446,24 @@ def export_masks(cfg, weights: Optional[str] = None, *, output_dir: str,
     Run inference and export masks (see the module docstring for the files written).
 
     Args:
-        cfg (CfgNode): the model's config (plugin keys added if it uses plugin components).
-            MODEL.DEVICE is where inference runs; INPUT.MIN_SIZE_TEST/MAX_SIZE_TEST the resize.
+        cfg (CfgNode): the model's config (the plugin's keys get their defaults if absent).
+            MODEL.DEVICE is where inference runs; INPUT.MIN_SIZE_TEST/MAX_SIZE_TEST the resize;
+            INPUT.MAX_IMAGE_PIXELS the largest image decoded.
         weights (str): checkpoint file; None uses MODEL.WEIGHTS. Loaded without running code
             from the file, and strictly: keys or shapes that differ from the model are an error.
         output_dir (str): created if missing; existing files of the same names are replaced.
         dataset (str): a name registered in DatasetCatalog; its image ids and its category ids
             (``thing_dataset_id_to_contiguous_id``) are written, so the results JSON evaluates
-            against its annotations. Exclusive with ``image_dir``.
+            against its annotations. A COCO annotation file with problems (see
+            ``fpn_plugin.data.coco_json``) is refused before the model is built. Exclusive
+            with ``image_dir``.
         image_dir (str): a folder of images (not recursive); image ids are 1, 2, ... in name
-            order. Category ids are those of ``metadata_name``'s dataset if it has a mapping,
-            else the model's contiguous ids.
-        score_threshold (float): minimum score of the instances drawn in the id PNGs, binary
-            masks and overlays. The results JSON keeps every detection (AP needs them).
+            order. Category ids and class names are those of ``metadata_name``'s dataset (by
+            default ``cfg.DATASETS.TEST[0]``) if it has a mapping, else the model's
+            contiguous ids.
+        score_threshold (float): in [0, 1]; minimum score of the instances drawn in the id
+            PNGs, binary masks and overlays. The results JSON keeps every detection (AP needs
+            them).
         binary_masks (bool): also write one 0/255 PNG per instance.
         overlays (bool): write a JPEG of the masks drawn on the image.
         evaluator (DatasetEvaluator): optional, e.g. ``build_coco_evaluator(dataset, dir)``; fed
@@ -195,81 +471,75 @@ def export_masks(cfg, weights: Optional[str] = None, *, output_dir: str,
             COCOEvaluator keeps all predictions in memory; for very large datasets evaluate the
             written JSON with ``fpn_plugin.evaluation.evaluate_coco_results_json`` instead.
         metadata_name (str): dataset whose metadata names the classes; default ``dataset``,
-            else cfg.DATASETS.TEST[0] when registered.
-        max_images (int): export only the first N images (quick checks).
+            else cfg.DATASETS.TEST[0].
+        max_images (int): export only the first N (>= 1) images (quick checks).
         progress_period_s (float): seconds between progress lines (with ETA).
 
     Returns:
         dict: the summary also written to ``summary.json`` (num_images, num_exported,
-        num_detections, skipped: [{file_name, error}], results_json, seconds, metrics).
+        num_detections, skipped: [{image_id, file_name, error}], renamed: [{image_id,
+        file_name, name}], results_json, seconds, metrics).
 
     Raises:
-        ValueError: bad arguments, unregistered dataset, empty folder, class-count mismatch,
-            or no image could be read.
+        ValueError: bad arguments, unregistered dataset or one with a bad annotation file,
+            empty folder, class-count mismatch, unusable output folder, no image could be
+            read, or a failed evaluation (summary.json is written first).
         FileNotFoundError: ``image_dir`` does not exist.
         CheckpointError / CheckpointMismatchError: missing, corrupt or mismatched weights.
     """
-    weights, items = _check_inputs(cfg, weights, dataset, image_dir)
+    cfg = with_plugin_defaults(cfg)
+    options = ExportOptions(score_threshold, binary_masks, overlays, max_images,
+                            progress_period_s, cfg.INPUT.MAX_IMAGE_PIXELS)
     if evaluator is not None and dataset is None:
         raise ValueError("evaluator= needs dataset= (a folder of images has no annotations)")
-    if max_images is not None:
-        items = items[:max_images]
+    plan = plan_export(cfg, weights, output_dir=output_dir, dataset=dataset,
+                       image_dir=image_dir, options=options, metadata_name=metadata_name)
+    writer = ImageOutputWriter(output_dir, options, cfg.INPUT.FORMAT, plan.metadata,
+                               plan.to_dataset, plan.class_names)
+    with _exclusive_output_folder(output_dir):
+        inference = _Inference(cfg, plan.weights)
+        return _run(plan, inference, writer, evaluator, options, cfg.INPUT.FORMAT)
 
-    if dataset is not None:
-        metadata_name = metadata_name or dataset
-    elif metadata_name is None and len(cfg.DATASETS.TEST) and \
-            cfg.DATASETS.TEST[0] in MetadataCatalog.list():
-        metadata_name = cfg.DATASETS.TEST[0]
-    metadata = MetadataCatalog.get(metadata_name) if metadata_name else None
-    if dataset is None and metadata is not None and not metadata.get("thing_classes"):
-        _load_metadata(metadata_name)
-    to_dataset = contiguous_to_dataset_ids(metadata)
-    _check_num_classes(cfg, to_dataset, metadata_name)
-    class_names = metadata.get("thing_classes") if metadata is not None else None
 
-    inference = _Inference(cfg, weights)
-    os.makedirs(output_dir, exist_ok=True)
-    results_path = os.path.join(output_dir, RESULTS_FILE)
-    logger.info("exporting %d images from %s to %s", len(items),
-                f"dataset {dataset!r}" if dataset else repr(image_dir), output_dir)
+def _run(plan: ExportPlan, inference: _Inference, writer: ImageOutputWriter, evaluator,
+         options: ExportOptions, image_format: str) -> Dict[str, Any]:
+    items = plan.items
+    source = f"dataset {plan.dataset!r}" if plan.dataset else repr(plan.image_dir)
+    logger.info("exporting %d images from %s to %s", len(items), source, plan.output_dir)
     if evaluator is not None:
         evaluator.reset()
-
-    used_names: set = set()
-    skipped: List[Dict[str, str]] = []
+    skipped: List[Dict[str, Any]] = []
     num_detections = 0
-    progress = ProgressLogger(len(items), "export", logger, period_s=progress_period_s)
+    progress = ProgressLogger(len(items), "export", logger, period_s=options.progress_period_s)
     start = time.perf_counter()
     with ExitStack() as stack:
-        results = stack.enter_context(StreamingJSONArrayWriter(results_path))
+        results = stack.enter_context(
+            StreamingJSONArrayWriter(os.path.join(plan.output_dir, RESULTS_FILE)))
         images = stack.enter_context(
-            StreamingJSONArrayWriter(os.path.join(output_dir, IMAGES_FILE)))
+            StreamingJSONArrayWriter(os.path.join(plan.output_dir, IMAGES_FILE)))
         for item in items:
             try:
-                image = _read_checked(item, cfg.INPUT.FORMAT)
+                image = _read_checked(item, image_format, options.max_image_pixels)
             except Exception as e:  # any unreadable input is reported and skipped
                 reason = f"{type(e).__name__}: {e}"
-                logger.warning("skipping %s: %s", item["file_name"], reason)
-                skipped.append({"file_name": item["file_name"], "error": reason})
+                logger.warning("skipping %s: %s", item.file_name, reason)
+                skipped.append({"image_id": item.image_id, "file_name": item.file_name,
+                                "error": reason})
                 progress.update()
                 continue
             height, width = image.shape[:2]
-            inputs = {"image_id": item["image_id"], "file_name": item["file_name"],
+            inputs = {"image_id": item.image_id, "file_name": item.file_name,
                       "height": height, "width": width}
             outputs = inference(image, inputs)
             instances = outputs["instances"].to("cpu")
-            for record in instances_to_coco_results(instances, item["image_id"], to_dataset):
+            for record in instances_to_coco_results(instances, item.image_id, plan.to_dataset):
                 results.write(record)
                 num_detections += 1
             if evaluator is not None:
                 evaluator.process([inputs], [outputs])
-
-            name = _unique_name(item["file_name"], item["image_id"], used_names)
-            images.write(dict(id=item["image_id"], name=name, **{
-                k: inputs[k] for k in ("file_name", "height", "width")}))
-            _write_image_outputs(output_dir, name, item, image, cfg.INPUT.FORMAT, instances,
-                                 score_threshold, to_dataset, class_names, metadata,
-                                 binary_masks, overlays)
+            images.write({"id": item.image_id, "name": item.name, "file_name": item.file_name,
+                          "height": height, "width": width})
+            writer.write(ImageResult(item, image, instances))
             progress.update()
         if len(skipped) == len(items):
             raise ValueError(f"none of the {len(items)} images could be read; first error: "
@@ -277,76 +547,34 @@ def export_masks(cfg, weights: Optional[str] = None, *, output_dir: str,
         # Leaving the ExitStack commits images.json, then the results JSON.
 
     summary: Dict[str, Any] = {
-        "dataset": dataset,
-        "image_dir": image_dir,
-        "weights": weights,
+        "dataset": plan.dataset,
+        "image_dir": plan.image_dir,
+        "weights": plan.weights,
         "num_images": len(items),
         "num_exported": len(items) - len(skipped),
         "num_detections": num_detections,
         "skipped": skipped,
-        "results_json": results_path,
-        "category_ids": "dataset" if to_dataset is not None else "contiguous",
+        "renamed": plan.renamed,
+        "results_json": os.path.join(plan.output_dir, RESULTS_FILE),
+        "category_ids": "dataset" if plan.to_dataset is not None else "contiguous",
         "seconds": round(time.perf_counter() - start, 3),
     }
-    if evaluator is not None:
-        summary["metrics"] = _finite_or_none(dict(evaluator.evaluate() or {}))
-    atomic_write_json(os.path.join(output_dir, SUMMARY_FILE), summary, indent=2)
+    evaluation_error = _evaluate(evaluator, summary) if evaluator is not None else None
+    atomic_write_json(os.path.join(plan.output_dir, SUMMARY_FILE), summary, indent=2, default=str)
     logger.info("exported %d/%d images (%d detections) in %.1f s; skipped %d",
                 summary["num_exported"], len(items), num_detections, summary["seconds"],
                 len(skipped))
     for s in skipped:
         logger.warning("skipped %s: %s", s["file_name"], s["error"])
+    if evaluation_error:
+        raise ValueError(f"the export is complete ({summary['results_json']}, summary.json), "
+                         f"but evaluation failed: {evaluation_error}")
     return summary
 
 
-def _read_checked(item: Dict[str, Any], image_format: str) -> np.ndarray:
+def _read_checked(item: ExportItem, image_format: str, max_pixels: int) -> np.ndarray:
     """Read an image; a dataset's recorded size must match it (as Detectron2's mapper checks)."""
-    image = d2_utils.read_image(item["file_name"], format=image_format)
-    d2_utils.check_image_size({k: v for k, v in item.items() if v is not None}, image)
+    image = read_image_checked(item.file_name, image_format, max_pixels)
+    recorded = {k: v for k, v in (("height", item.height), ("width", item.width)) if v is not None}
+    d2_utils.check_image_size(dict(recorded, file_name=item.file_name), image)
     return image
-
-
-def _write_image_outputs(output_dir, name, item, image, image_format, instances,
-                         score_threshold, to_dataset, class_names, metadata, binary_masks,
-                         overlays) -> None:
-    scores = instances.scores.numpy()
-    keep = score_order(scores)
-    keep = keep[scores[keep] >= score_threshold]
-    shown = instances[torch.as_tensor(keep, dtype=torch.long)]
-    height, width = image.shape[:2]
-    has_masks = shown.has("pred_masks")
-    masks = shown.pred_masks.numpy().astype(bool) if has_masks else \
-        np.zeros((len(shown), height, width), dtype=bool)
-
-    # Per-image files are atomic but not fsynced (two syncs per small file add up); the
-    # results JSON, images.json and summary.json are fsynced.
-    write_image(os.path.join(output_dir, "instance_maps", name + ".png"), instance_id_map(masks),
-                durable=False)
-    boxes = shown.pred_boxes.tensor.numpy()
-    listed = []
-    for k in range(len(shown)):
-        cls = int(shown.pred_classes[k])
-        x0, y0, x1, y1 = (float(v) for v in boxes[k])
-        listed.append({
-            "id": k + 1,
-            "category_id": to_dataset[cls] if to_dataset is not None else cls,
-            "category": class_names[cls] if class_names and cls < len(class_names) else None,
-            "score": float(shown.scores[k]),
-            "bbox": [x0, y0, x1 - x0, y1 - y0],
-        })
-    atomic_write_json(os.path.join(output_dir, "instance_maps", name + ".json"), {
-        "image_id": item["image_id"], "file_name": item["file_name"], "height": height,
-        "width": width, "has_masks": has_masks, "instances": listed}, durable=False)
-
-    if binary_masks:
-        for k in range(len(shown)):
-            write_image(os.path.join(output_dir, "instance_masks", name, f"{k + 1}.png"),
-                        masks[k].astype(np.uint8) * 255, durable=False)
-    if overlays:
-        from detectron2.utils.visualizer import ColorMode, Visualizer
-
-        rgb = d2_utils.convert_image_to_rgb(image, image_format)
-        drawn = Visualizer(rgb, metadata, instance_mode=ColorMode.IMAGE) \
-            .draw_instance_predictions(shown).get_image()
-        write_image(os.path.join(output_dir, "overlays", name + ".jpg"),
-                    np.ascontiguousarray(drawn[:, :, ::-1]), durable=False)

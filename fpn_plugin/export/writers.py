@@ -1,19 +1,21 @@
 """
-Files that appear complete or not at all.
-
-Every writer here writes to a hidden temporary file in the destination's folder, then renames
-it over the destination (``os.replace``, atomic on POSIX and Windows within one file system).
-A crash, an exception or Ctrl-C leaves either the previous complete file or no file, never a
-truncated one under the final name. By default the file and folder are also fsynced, so the
-result survives a power loss too.
+Writers of the export's files: a streamed JSON array and encoded images, each appearing
+complete or not at all (the atomic primitives live in ``fpn_plugin.utils.files``).
 """
 import json
 import os
-import uuid
 from typing import Any, Optional
 
 import cv2
 import numpy as np
+
+from ..utils.files import (
+    atomic_write_bytes,
+    atomic_write_json,
+    fsync_dir,
+    remove_quietly,
+    temp_path_beside,
+)
 
 __all__ = [
     "StreamingJSONArrayWriter",
@@ -22,63 +24,6 @@ __all__ = [
     "encode_image",
     "write_image",
 ]
-
-
-def _temp_path_beside(path: str) -> str:
-    """A fresh hidden name next to ``path`` (same folder, so the final rename is atomic)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    return os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
-
-
-def _fsync_dir(folder: str) -> None:
-    # Makes the rename itself durable; not possible (nor needed) on every platform.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _commit(tmp: str, path: str) -> None:
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def atomic_write_bytes(path: str, data: bytes, durable: bool = True) -> None:
-    """
-    Write ``data`` to ``path`` atomically (temp file in the same folder, rename).
-
-    Args:
-        durable (bool): also fsync the file and the folder, so the file survives a power
-            loss or OS crash. Without it, a crashed or interrupted *process* still never
-            leaves a partial file under ``path``; only the OS crash guarantee is dropped,
-            which saves two syncs per file when writing many small ones.
-    """
-    tmp = _temp_path_beside(path)
-    try:
-        with open(tmp, "xb") as f:  # "x": never reuse a file; created with the umask's mode
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        if durable:
-            _commit(tmp, path)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-
-
-def atomic_write_json(path: str, obj: Any, durable: bool = True, **dump_kwargs) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically (``durable`` as in atomic_write_bytes)."""
-    atomic_write_bytes(path, json.dumps(obj, **dump_kwargs).encode("utf-8"), durable)
 
 
 def encode_image(image: np.ndarray, ext: str) -> bytes:
@@ -101,13 +46,6 @@ def write_image(path: str, image: np.ndarray, durable: bool = True) -> None:
     atomic_write_bytes(path, encode_image(image, os.path.splitext(path)[1].lower()), durable)
 
 
-def _remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except OSError:
-        pass
-
-
 class StreamingJSONArrayWriter:
     """
     Write a JSON array record by record, committing it atomically when closed.
@@ -127,7 +65,7 @@ class StreamingJSONArrayWriter:
     def __init__(self, path: str):
         self.path = path
         self.count = 0
-        self._tmp: Optional[str] = _temp_path_beside(path)
+        self._tmp: Optional[str] = temp_path_beside(path)
         self._file = open(self._tmp, "x", encoding="utf-8")
         self._file.write("[")
 
@@ -154,7 +92,8 @@ class StreamingJSONArrayWriter:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
-            _commit(self._tmp, self.path)
+            os.replace(self._tmp, self.path)
+            fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         except BaseException:
             self.discard()
             raise
@@ -167,7 +106,7 @@ class StreamingJSONArrayWriter:
         try:
             self._file.close()
         finally:
-            _remove_quietly(self._tmp)
+            remove_quietly(self._tmp)
             self._tmp = None
 
     def __enter__(self):

@@ -5,16 +5,17 @@ The CPU demo, end to end (what ``make demo`` runs):
 1. generate the embedded shapes dataset if missing (``DATASETS.SHAPES.*``) and register it;
 2. train Mask R-CNN built from fpn_plugin's components (configs/Demo/...) from scratch, and
    evaluate box and mask AP on the held-out split (every TEST.EVAL_PERIOD and at the end);
+   the trainer draws the training curve (losses and AP over iterations) when it ends;
 3. export the held-out predictions: COCO results JSON, instance maps and overlay pictures;
-4. draw the training curve (losses and AP over iterations) and print where everything is.
+4. write the summary and print where everything is.
 
 Every stage logs progress with an ETA. Re-running resumes from the last checkpoint (a finished
-run is only re-evaluated and re-exported); ``--fresh`` starts over.
+run is only re-evaluated and re-exported); ``--fresh`` starts over. A bad config value,
+dataset, image or checkpoint ends the demo with exit status 2 and one ``error: ...`` line.
 
     .venv/bin/python projects/fpn_mask_rcnn/demo.py [--fresh] [--output-dir DIR] [KEY VALUE ...]
 """
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -22,13 +23,14 @@ import sys
 import time
 
 import fpn_plugin  # noqa: F401  (registers the plugin's components)
-from detectron2.config import get_cfg
-from detectron2.engine import default_setup
-from detectron2.utils.logger import setup_logger
-
-from fpn_plugin import add_fpn_plugin_config
+from fpn_plugin.checkpoint import CheckpointError
+from fpn_plugin.config import load_config
+from fpn_plugin.data.images import ImageFileError
 from fpn_plugin.data.shapes import register_shapes_from_config
-from fpn_plugin.engine import Trainer, plot_training_curve
+from fpn_plugin.engine import Trainer
+from fpn_plugin.engine.setup import default_setup
+from fpn_plugin.utils.cli import exit_on_errors, quiet_third_party_noise
+from fpn_plugin.utils.files import atomic_write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "Demo", "mask_rcnn_R_18_custom_fpn_shapes.yaml")
@@ -52,10 +54,7 @@ def parse_args(argv=None):
 
 
 def build_cfg(args):
-    cfg = get_cfg()
-    add_fpn_plugin_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts, freeze=False)
     if args.output_dir:
         cfg.OUTPUT_DIR = args.output_dir
     cfg.freeze()
@@ -97,14 +96,20 @@ def _remove_previous_run(output_dir):
 
 
 def main(argv=None):
+    quiet_third_party_noise()
     args = parse_args(argv)
+    with exit_on_errors(ValueError, FileNotFoundError, CheckpointError, FloatingPointError,
+                        ImageFileError):
+        return run(args)
+
+
+def run(args):
     cfg = build_cfg(args)
     if args.fresh:
         _remove_previous_run(cfg.OUTPUT_DIR)
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     default_setup(cfg, argparse.Namespace(config_file=args.config_file, eval_only=False,
                                           opts=args.opts))
-    setup_logger(cfg.OUTPUT_DIR, name="fpn_plugin")
     stages = Stages()
 
     # 1. dataset -------------------------------------------------------------------------
@@ -116,7 +121,8 @@ def main(argv=None):
     stages.begin(2, f"train + evaluate: {cfg.SOLVER.MAX_ITER} iterations of "
                     f"{cfg.SOLVER.IMS_PER_BATCH} images on {cfg.MODEL.DEVICE}, box and mask AP on "
                     f"{val_name} every {cfg.TEST.EVAL_PERIOD} iterations and at the end "
-                    "(ETA in the 'eta:' and 'Inference done' lines)")
+                    "(ETA in the 'eta:' and 'Inference done' lines); the training curve is drawn "
+                    "at the end")
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=True)
     if trainer.start_iter >= cfg.SOLVER.MAX_ITER:
@@ -136,10 +142,9 @@ def main(argv=None):
     export_summary = export_masks(cfg, weights, output_dir=export_dir, dataset=val_name,
                                   overlays=True, score_threshold=0.5, progress_period_s=5.0)
 
-    # 4. curve + summary -------------------------------------------------------------------
-    stages.begin(4, "training curve and summary")
-    curve = plot_training_curve(os.path.join(cfg.OUTPUT_DIR, "metrics.json"),
-                                os.path.join(cfg.OUTPUT_DIR, "training_curve.png"))
+    # 4. summary ---------------------------------------------------------------------------
+    stages.begin(4, "summary")
+    curve = os.path.join(cfg.OUTPUT_DIR, "training_curve.png")  # drawn by the trainer's hook
     stages.end()
     box_ap = results.get("bbox", {}).get("AP", float("nan"))
     mask_ap = results.get("segm", {}).get("AP", float("nan"))
@@ -166,8 +171,8 @@ def main(argv=None):
             "log": os.path.abspath(os.path.join(cfg.OUTPUT_DIR, "log.txt")),
         },
     }
-    with open(os.path.join(cfg.OUTPUT_DIR, "demo_summary.json"), "w") as f:
-        json.dump(summary, f, indent=1, default=str)
+    atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "demo_summary.json"), summary, indent=1,
+                      default=str)
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in stages.durations.items())
     status = "reached" if mask_ap >= MASK_AP_TARGET else "MISSED"
     lines = [

@@ -21,26 +21,35 @@ Arguments are Detectron2's ``default_argument_parser``: --config-file, --resume,
 Without CUDA, --num-gpus N starts N CPU processes (gloo backend), see docs/training.md.
 Configs naming the embedded shapes dataset (``shapes_train``/``shapes_val``) get it generated
 and registered first (where: ``DATASETS.SHAPES.ROOT``).
+
+Weights (``MODEL.WEIGHTS``, ``--resume``, ``--eval-only``) are read by
+``fpn_plugin.checkpoint.SafeDetectionCheckpointer``: nothing in a weights file can run code.
+A bad config value, dataset record, image or checkpoint, and a diverging run, end with exit
+status 2 and one ``error: ...`` line naming the key, file or id (no traceback).
 """
 import fpn_plugin  # noqa: F401  (registers the plugin's components)
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser, default_setup
+from detectron2.engine import default_argument_parser
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
-from fpn_plugin import add_fpn_plugin_config
+from fpn_plugin.checkpoint import CheckpointError, SafeDetectionCheckpointer
+from fpn_plugin.config import load_config
+from fpn_plugin.data.images import ImageFileError
 from fpn_plugin.engine import Trainer
 from fpn_plugin.engine.ddp import check_resumed_alike
 from fpn_plugin.engine.launch import launch, launch_from_env, started_by_torchrun
+from fpn_plugin.engine.setup import default_setup
+from fpn_plugin.utils.cli import exit_on_errors, quiet_third_party_noise
+
+# Problems with what the user gave (config, data, checkpoint) before training starts.
+START_ERRORS = (ValueError, FileNotFoundError, CheckpointError)
+# Problems that can only show during training: a diverging run, an image found bad late.
+TRAINING_ERRORS = (FloatingPointError, ImageFileError, CheckpointError)
+
 
 def setup(args):
     """Config from the file and overrides, frozen; plus Detectron2's default_setup."""
-    cfg = get_cfg()
-    add_fpn_plugin_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
+    cfg = load_config(args.config_file, args.opts)
     default_setup(cfg, args)
     return cfg
 
@@ -66,23 +75,28 @@ def register_datasets(cfg):
 
 
 def main(args):
-    cfg = setup(args)
-    register_datasets(cfg)
-    if args.eval_only:
-        model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume)
-        res = Trainer.test(cfg, model)
-        if comm.is_main_process():
-            verify_results(cfg, res)
-        return res
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    check_resumed_alike(trainer)
-    return trainer.train()
+    with exit_on_errors(*START_ERRORS):
+        cfg = setup(args)
+        register_datasets(cfg)
+        if args.eval_only:
+            model = Trainer.build_model(cfg)
+            SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+                cfg.MODEL.WEIGHTS, resume=args.resume)
+        else:
+            trainer = Trainer(cfg)
+            trainer.resume_or_load(resume=args.resume)
+            check_resumed_alike(trainer)
+    with exit_on_errors(*TRAINING_ERRORS):
+        if args.eval_only:
+            res = Trainer.test(cfg, model)
+            if comm.is_main_process():
+                verify_results(cfg, res)
+            return res
+        return trainer.train()
 
 
 if __name__ == "__main__":
+    quiet_third_party_noise()
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
     if started_by_torchrun():  # torchrun started the processes: join them, spawn nothing

@@ -62,7 +62,9 @@ def test_compare_times_both_sides_in_abba_order(harness):
 
 
 def test_save_writes_markdown_and_json_with_labels(harness, tmp_path, monkeypatch):
-    monkeypatch.setattr(harness, "RESULTS_DIR", str(tmp_path))
+    monkeypatch.setattr(harness, "OUTPUT_DIR", str(tmp_path))
+    monkeypatch.setattr(harness, "RESULTS_DIR", str(tmp_path / "tracked"))
+    monkeypatch.setattr(harness, "README", str(tmp_path / "README.md"))
     timing = {"a": harness.Timing.of([1.0, 2.0, 3.0]), "b": harness.Timing.of([2.0, 4.0, 6.0]),
               "ratio": 0.5}
     rows = [{"name": "x time", "unit": "s", "result": timing},
@@ -77,6 +79,30 @@ def test_save_writes_markdown_and_json_with_labels(harness, tmp_path, monkeypatc
     assert payload["labels"] == ["fast", "slow"]
     assert payload["rows"][0]["result"]["a"]["median"] == 2.0
     assert (tmp_path / "unit.md").read_text() == md
+    assert not (tmp_path / "tracked").exists() and not (tmp_path / "README.md").exists()
+
+
+def test_tracked_results_and_readme_are_written_only_when_asked(harness, tmp_path, monkeypatch):
+    """A benchmark run leaves the checkout clean unless --write-results asks otherwise."""
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench:unit -->\nold\n<!-- /bench:unit -->\n")
+    monkeypatch.setattr(harness, "OUTPUT_DIR", str(tmp_path / "output"))
+    monkeypatch.setattr(harness, "RESULTS_DIR", str(tmp_path / "tracked"))
+    monkeypatch.setattr(harness, "README", str(readme))
+    monkeypatch.setattr(harness, "environment", lambda: {"machine": "test"})
+    rows = [{"name": "x peak memory", "unit": "MiB", "result": {"a": MIB, "b": MIB, "ratio": 1.0}}]
+    harness.save("unit", rows, "cmd")
+    assert sorted(os.listdir(tmp_path / "output")) == ["unit.json", "unit.md"]
+    assert not (tmp_path / "tracked").exists() and "old" in readme.read_text()
+    harness.save("unit", rows, "cmd", write_results=True)
+    assert sorted(os.listdir(tmp_path / "tracked")) == ["unit.json", "unit.md"]
+    assert "old" not in readme.read_text() and "x peak memory" in readme.read_text()
+
+
+@pytest.mark.parametrize("script", ["bench_models.py", "bench_rpn.py", "bench_fast_path.py"])
+def test_every_benchmark_script_has_the_write_results_flag(script):
+    source = open(os.path.join(ROOT, "benchmarks", script)).read()
+    assert "add_output_arguments(" in source and "write_results=args.write_results" in source
 
 
 def test_update_readme_block_replaces_only_its_own_block(harness, tmp_path):

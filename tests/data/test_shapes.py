@@ -186,15 +186,14 @@ def test_visible_parts_have_no_holes():
 
 def test_register_shapes_if_named_only_registers_the_named_unregistered_dataset(tmp_path):
     from detectron2.config import get_cfg
-    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data import DatasetCatalog
+    from hostile_testutils import datasets_set_aside
 
     from fpn_plugin import add_fpn_plugin_config
     from fpn_plugin.data.shapes import SHAPES_DATASET_NAMES, register_shapes_if_named
 
     # Other tests in this process may have registered the real names: set them aside.
-    saved = {n: (DatasetCatalog.pop(n), MetadataCatalog.pop(n, None))
-             for n in SHAPES_DATASET_NAMES if n in DatasetCatalog}
-    try:
+    with datasets_set_aside(SHAPES_DATASET_NAMES):
         cfg = add_fpn_plugin_config(get_cfg())
         cfg.DATASETS.SHAPES.ROOT = str(tmp_path / "shapes")
         cfg.DATASETS.SHAPES.NUM_TRAIN, cfg.DATASETS.SHAPES.NUM_VAL = 2, 1
@@ -207,12 +206,4 @@ def test_register_shapes_if_named_only_registers_the_named_unregistered_dataset(
         assert not register_shapes_if_named(cfg, ["shapes_val"])  # already registered
         cfg.DATASETS.SHAPES.IMAGE_SIZE = 8
         assert not register_shapes_if_named(cfg, ["shapes_train"])  # left alone, not checked
-    finally:
-        for n in SHAPES_DATASET_NAMES:
-            if n in DatasetCatalog:
-                DatasetCatalog.remove(n)
-                MetadataCatalog.remove(n)
-        for n, (dataset, metadata) in saved.items():
-            DatasetCatalog[n] = dataset
-            if metadata is not None:
-                MetadataCatalog[n] = metadata
+

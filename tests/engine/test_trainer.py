@@ -4,28 +4,14 @@ import json
 import os
 
 import pytest
+from demo_testutils import DEMO_CONFIG, TINY_OPTS
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from hostile_testutils import code_running_checkpoint
 
 from fpn_plugin import add_fpn_plugin_config
 from fpn_plugin.data.shapes import register_shapes_dataset
 from fpn_plugin.engine import Trainer, check_amp_config, plot_training_curve, read_metrics
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DEMO_CONFIG = os.path.join(ROOT, "configs", "Demo", "mask_rcnn_R_18_custom_fpn_shapes.yaml")
-# The demo model at 64 px with narrow heads: a training step takes a fraction of a second.
-TINY_OPTS = [
-    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
-    "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
-    "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.FC_DIM", "64",
-    "MODEL.ROI_MASK_HEAD.CONV_DIM", "32", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
-    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "50",
-    "MODEL.RPN.PRE_NMS_TOPK_TEST", "100", "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.001", "SOLVER.WARMUP_ITERS", "5",
-    "SOLVER.STEPS", "()",
-    "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0",
-]
-
 
 def tiny_cfg(output_dir, train, test=(), max_iter=2):
     cfg = get_cfg()
@@ -167,3 +153,161 @@ def test_checkpoint_holds_optimizer_state_and_resume_restores_it(tmp_path, datas
     state = resumed.optimizer.state_dict()["state"]
     key = next(iter(moments))
     assert torch.equal(state[key]["exp_avg"], moments[key]["exp_avg"])
+
+
+# -- weights, resume, divergence, leftovers: hostile and broken inputs ---------------------------
+
+def test_trainer_reads_and_writes_checkpoints_with_the_safe_checkpointer(tmp_path, datasets):
+    from detectron2.engine import hooks
+
+    from fpn_plugin.checkpoint import SafeDetectionCheckpointer
+
+    trainer = Trainer(tiny_cfg(tmp_path, [datasets["train"]]))
+    assert isinstance(trainer.checkpointer, SafeDetectionCheckpointer)
+    periodic = [h for h in trainer._hooks if isinstance(h, hooks.PeriodicCheckpointer)]
+    assert periodic and all(h.checkpointer is trainer.checkpointer for h in periodic)
+
+
+@pytest.mark.parametrize("suffix", [".pkl", ".pth"])
+def test_code_in_model_weights_never_runs(tmp_path, datasets, suffix):
+    from fpn_plugin.checkpoint import CheckpointError
+
+    marker = tmp_path / "code_ran"
+    cfg = tiny_cfg(tmp_path / "out", [datasets["train"]])
+    cfg.MODEL.WEIGHTS = code_running_checkpoint(tmp_path / f"evil{suffix}", marker)
+    trainer = Trainer(cfg)
+    with pytest.raises(CheckpointError, match="other than weights") as info:
+        trainer.resume_or_load(resume=False)
+    assert cfg.MODEL.WEIGHTS in str(info.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "code"])
+def test_resume_skips_a_damaged_last_checkpoint(tmp_path, datasets, caplog, damage):
+    """A run killed while writing (truncated file) or a planted code-running file under the
+    name last_checkpoint gives: a warning naming it, and the newest intact checkpoint."""
+    cfg = tiny_cfg(tmp_path, [datasets["train"]], max_iter=2)
+    cfg.SOLVER.CHECKPOINT_PERIOD = 1
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    last = tmp_path / "model_final.pth"
+    assert (tmp_path / "last_checkpoint").read_text() == last.name
+    marker = tmp_path / "code_ran"
+    if damage == "truncated":
+        last.write_bytes(last.read_bytes()[:1000])
+    else:
+        code_running_checkpoint(last, marker)
+    cfg.SOLVER.MAX_ITER = 3
+    resumed = Trainer(cfg)
+    with caplog.at_level("WARNING", logger="fpn_plugin"):
+        resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 2  # model_0000001.pth: the checkpoint after iteration 1
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert str(last) in warned and "model_0000001.pth" in warned
+    assert not marker.exists()
+
+
+def test_divergence_guard_names_the_iteration_and_the_learning_rate():
+    from types import SimpleNamespace
+
+    from detectron2.utils.events import EventStorage
+
+    from fpn_plugin.engine import TrainingDivergedError
+    from fpn_plugin.engine.trainer import _DivergenceGuard
+
+    guard = _DivergenceGuard(factor=100.0, base_lr=100.0)
+    # Start ~4; one spike of 5000 at iteration 6 passes (the guard looks at 5-iteration
+    # medians); the blow-up from iteration 9 on is caught once most of the window is above
+    # 100 x 3.8 (the lowest of the first 5).
+    losses = [4.0, 3.9, 4.2, 3.8, 4.1, 4.0, 5e3, 3.7, 50.0, 1e5, 1e9, 1e9]
+    with EventStorage(0) as storage:
+        guard.trainer = SimpleNamespace(storage=storage, iter=0)
+        for it, loss in enumerate(losses):
+            storage.iter = guard.trainer.iter = it
+            storage.put_scalar("total_loss", loss)
+            if it < 10:
+                guard.after_step()  # steady, a single spike, or not yet mostly high
+                continue
+            with pytest.raises(TrainingDivergedError) as info:
+                guard.after_step()
+            break
+    message = str(info.value)
+    assert "iteration 10" in message and "SOLVER.BASE_LR (now 100)" in message
+    assert "SOLVER.DIVERGENCE_FACTOR=100" in message
+
+    # A learning rate far too high blows the loss up from the first step: the start's loss
+    # (the lowest of the first 5) is the reference, so this is caught at the 5th iteration.
+    guard = _DivergenceGuard(factor=100.0, base_lr=100.0)
+    with EventStorage(0) as storage:
+        guard.trainer = SimpleNamespace(storage=storage, iter=0)
+        with pytest.raises(TrainingDivergedError, match="iteration 4"):
+            for it, loss in enumerate([5.0, 1e4, 1e6, 1e8, 1e9]):
+                storage.iter = guard.trainer.iter = it
+                storage.put_scalar("total_loss", loss)
+                guard.after_step()
+
+
+@pytest.mark.parametrize("key, value", [("SOLVER.DIVERGENCE_FACTOR", 0.5),
+                                        ("SOLVER.DIVERGENCE_FACTOR", float("nan")),
+                                        ("SOLVER.BASE_LR", float("inf")),
+                                        ("SOLVER.BASE_LR", -0.1),
+                                        ("INPUT.MAX_IMAGE_PIXELS", -1)],
+                         ids=["divergence_factor_0.5", "divergence_factor_nan", "base_lr_inf",
+                              "base_lr_negative", "pixel_limit_negative"])
+def test_out_of_range_training_numbers_are_refused_with_the_key(tmp_path, key, value):
+    cfg = tiny_cfg(tmp_path, [])
+    section, leaf = key.split(".")
+    cfg[section][leaf] = value
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        Trainer(cfg)
+
+
+def test_partial_files_of_a_killed_run_are_removed_at_start(tmp_path, datasets):
+    (tmp_path / ".model_0000004.pth.0123456789ab.tmp").write_bytes(b"partial")
+    (tmp_path / ".last_checkpoint.abcdef012345.tmp").write_bytes(b"mod")
+    (tmp_path / ".notes.tmp").write_text("not ours")
+    Trainer(tiny_cfg(tmp_path, [datasets["train"]]))
+    assert sorted(p.name for p in tmp_path.glob(".*.tmp")) == [".notes.tmp"]
+
+
+def test_error_policy_lists_the_problems_of_training_and_test_sets(tmp_path, datasets):
+    cfg = tiny_cfg(tmp_path, [datasets["broken"]], test=[datasets["broken"], datasets["val"]])
+    cfg.DATALOADER.INVALID_RECORDS = "error"
+    with pytest.raises(ValueError) as info:
+        Trainer(cfg)
+    message = str(info.value)
+    # The missing image once as a training record, once as a test record; and the report file.
+    assert message.startswith("2 problem(s)") and message.count("image file is missing") == 2
+    listed = json.loads((tmp_path / "invalid_records.json").read_text())
+    assert len(listed) == 2 and "invalid_records.json" in message
+
+
+def test_datasets_are_validated_once_and_the_report_stays_on_the_trainer(tmp_path, datasets,
+                                                                        monkeypatch):
+    from fpn_plugin.data import build
+
+    calls = []
+    real = build.validate_records
+    monkeypatch.setattr(build, "validate_records",
+                        lambda records, name, *a, **k: calls.append(name) or real(records, name,
+                                                                                 *a, **k))
+    cfg = tiny_cfg(tmp_path, [datasets["broken"]], test=[datasets["val"]])
+    cfg.TEST.PRECISE_BN.ENABLED = True  # PreciseBN builds one more train loader
+    trainer = Trainer(cfg)
+    assert sorted(calls) == sorted([datasets["broken"], datasets["val"]])
+    assert trainer.dataset_check.num_skipped == 1
+    assert not hasattr(trainer.data_loader, "fpn_plugin_invalid_records")
+
+
+def test_skip_warnings_reach_the_log_file(tmp_path, datasets, restore_loggers):
+    import argparse
+
+    from fpn_plugin.engine.setup import default_setup
+
+    cfg = tiny_cfg(tmp_path, [datasets["broken"]])
+    cfg.freeze()
+    default_setup(cfg, argparse.Namespace(config_file="", eval_only=False, opts=[]))
+    Trainer(cfg)
+    log = (tmp_path / "log.txt").read_text()
+    assert "skipping 1 of" in log and "gone.jpg" in log

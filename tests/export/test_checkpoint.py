@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from hostile_testutils import RunsCode as _RunsCode
+
 from fpn_plugin.checkpoint import (
     CheckpointError,
     CheckpointMismatchError,
@@ -37,16 +39,6 @@ def _assert_same_weights(a, b):
     assert sa.keys() == sb.keys()
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0)
-
-
-class _RunsCode:
-    """Pickles to a call of os.system: what a malicious checkpoint does."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def test_pth_roundtrip_and_extra_data(tmp_path):
@@ -206,3 +198,183 @@ def test_torch_without_weights_only_is_refused_not_unpickled(tmp_path, monkeypat
     monkeypatch.setattr(torch, "load", old_torch_load)
     with pytest.raises(CheckpointError, match="weights_only=True"):
         load_checkpoint_file(path)
+
+
+# -- paths: Detectron2 main's query suffix and detectron2:// URLs -------------------------------
+
+class _Wrapped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = _Net()
+
+
+def test_matching_heuristics_query_is_honoured_on_a_local_pth(tmp_path):
+    """`model.pth?matching_heuristics=True` (Detectron2 main's syntax) loads with the name-matching
+    heuristics on v0.6 too; without the query the same file is a strict mismatch."""
+    src = _randomized(_Net(), 1)
+    path = str(tmp_path / "bare_names.pth")
+    torch.save({"model": src.state_dict()}, path)  # "conv.weight" vs the model's "net.conv.weight"
+    with pytest.raises(CheckpointMismatchError):
+        load_model_weights(_Wrapped(), path, strict=True)
+    dst = _randomized(_Wrapped(), 2)
+    SafeDetectionCheckpointer(dst).load(path + "?matching_heuristics=True")
+    _assert_same_weights(src, dst.net)
+
+
+def test_unknown_query_option_is_an_error_naming_it(tmp_path):
+    path = str(tmp_path / "m.pth")
+    torch.save({"model": _Net().state_dict()}, path)
+    with pytest.raises(CheckpointError, match="unsupported query option colour"):
+        load_model_weights(_Net(), path + "?colour=red")
+
+
+def test_detectron2_url_with_query_loads_through_the_path_manager(tmp_path, monkeypatch):
+    """A detectron2:// model-zoo URL with the query suffix resolves through Detectron2's own
+    path handlers (the download cache is pre-filled, so nothing is fetched)."""
+    monkeypatch.setenv("FVCORE_CACHE", str(tmp_path / "cache"))
+    src = _randomized(_Net(), 1)
+    cached = tmp_path / "cache" / "detectron2" / "Zoo" / "123"
+    cached.mkdir(parents=True)
+    with open(cached / "model_final_abc.pkl", "wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in src.state_dict().items()},
+                     "__author__": "Detectron2 Model Zoo"}, f)
+    dst = _randomized(_Net(), 2)
+    SafeDetectionCheckpointer(dst).load(
+        "detectron2://Zoo/123/model_final_abc.pkl?matching_heuristics=True")
+    _assert_same_weights(src, dst)
+
+
+def test_refused_pth_names_the_file_and_the_object(tmp_path):
+    """A .pth that torch's weights-only loader refuses (here: a config object saved with the
+    weights) is named, with the object that was refused, not torch's advice to unpickle it."""
+    from detectron2.config import get_cfg
+
+    path = str(tmp_path / "with_cfg.pth")
+    torch.save({"model": _Net().state_dict(), "cfg": get_cfg()}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_model_weights(_Net(), path)
+    message = str(info.value)
+    assert path in message and "CfgNode" in message
+    assert "weights_only` set to `False`" not in message
+
+
+# -- saving and resuming ---------------------------------------------------------------------
+
+def _train_one_step(model, opt):
+    model.fc.weight.sum().backward()
+    opt.step()
+
+
+def _checkpointer_with_history(tmp_path, iterations=(4, 9)):
+    model = _randomized(_Net(), 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ck = SafeDetectionCheckpointer(model, str(tmp_path), optimizer=opt)
+    states = {}
+    for it in iterations:
+        _train_one_step(model, opt)
+        ck.save(f"model_{it:07d}", iteration=it)
+        states[it] = {k: v.clone() for k, v in model.state_dict().items()}
+    return states
+
+
+def test_save_is_atomic_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    model = _Net()
+    ck = SafeDetectionCheckpointer(model, str(tmp_path))
+    ck.save("model_0000004", iteration=4)
+    before = open(tmp_path / "model_0000004.pth", "rb").read()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save("model_0000004", iteration=9)
+    assert open(tmp_path / "model_0000004.pth", "rb").read() == before  # never truncated
+    assert [f for f in os.listdir(tmp_path) if f.endswith(".tmp")] == []
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000004.pth"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "missing", "random"])
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path, caplog, damage):
+    states = _checkpointer_with_history(tmp_path, (4, 9, 14))
+    last = tmp_path / "model_0000014.pth"
+    data = last.read_bytes()
+    if damage == "missing":
+        last.unlink()
+    else:
+        last.write_bytes({"truncated": data[: len(data) // 2], "empty": b"",
+                          "random": np.random.default_rng(0).bytes(999)}[damage])
+    model = _randomized(_Net(), 5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ck = SafeDetectionCheckpointer(model, str(tmp_path), optimizer=opt)
+    with caplog.at_level("WARNING", logger="fpn_plugin"):
+        extra = ck.resume_or_load("", resume=True)
+    assert extra["iteration"] == 9
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, states[9][k], rtol=0, atol=0)
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "model_0000014.pth" in warned and "model_0000009.pth" in warned
+
+
+def test_resume_with_a_garbled_last_checkpoint_file(tmp_path):
+    _checkpointer_with_history(tmp_path, (4,))
+    (tmp_path / "last_checkpoint").write_bytes(b"\x00\x01garbage")
+    model = _Net()
+    extra = SafeDetectionCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)
+    assert extra["iteration"] == 4
+
+
+def test_resume_without_any_intact_checkpoint_is_an_error_listing_them(tmp_path):
+    _checkpointer_with_history(tmp_path, (4, 9))
+    for name in ("model_0000004.pth", "model_0000009.pth"):
+        (tmp_path / name).write_bytes(b"\x00" * 10)
+    with pytest.raises(CheckpointError, match="no intact checkpoint") as info:
+        SafeDetectionCheckpointer(_Net(), str(tmp_path)).resume_or_load("", resume=True)
+    assert "model_0000004.pth" in str(info.value) and "model_0000009.pth" in str(info.value)
+
+
+@pytest.mark.parametrize("suffix", [".pkl", ".pth"])
+def test_code_in_a_resumed_checkpoint_never_runs(tmp_path, suffix):
+    """A code-running file named by last_checkpoint is refused (and named), never executed;
+    the intact checkpoint before it is used."""
+    _checkpointer_with_history(tmp_path, (4,))
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / ("model_0000009" + suffix)
+    payload = {"model": {"fc.weight": _RunsCode(marker)}, "iteration": 9}
+    if suffix == ".pkl":
+        with open(evil, "wb") as f:
+            pickle.dump(payload, f)
+    else:
+        torch.save(payload, str(evil))
+    (tmp_path / "last_checkpoint").write_text(evil.name)
+    extra = SafeDetectionCheckpointer(_Net(), str(tmp_path)).resume_or_load("", resume=True)
+    assert extra["iteration"] == 4
+    assert not marker.exists()
+
+
+def test_proposal_file_is_read_safely(tmp_path):
+    """Precomputed proposals (DATASETS.PROPOSAL_FILES_*) load without pickle's code path:
+    arrays and BoxMode come back, a code-running file is refused and never runs."""
+    from detectron2.structures import BoxMode
+
+    from fpn_plugin.data.proposals import load_proposal_file, load_proposals_into_records
+
+    good = tmp_path / "proposals.pkl"
+    with open(good, "wb") as f:
+        pickle.dump({"ids": [7], "boxes": [np.array([[0, 0, 5, 5], [1, 1, 9, 9]], np.float32)],
+                     "objectness_logits": [np.array([0.1, 0.9], np.float32)],
+                     "bbox_mode": BoxMode.XYXY_ABS}, f)
+    records = load_proposals_into_records([{"image_id": 7, "file_name": "a.jpg"}], str(good))
+    assert records[0]["proposal_objectness_logits"].tolist() == pytest.approx([0.9, 0.1])
+    assert records[0]["proposal_bbox_mode"] == BoxMode.XYXY_ABS
+    with pytest.raises(ValueError, match="no proposals for image_id 8"):
+        load_proposals_into_records([{"image_id": 8, "file_name": "b.jpg"}], str(good))
+
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / "evil_proposals.pkl"
+    with open(evil, "wb") as f:
+        pickle.dump({"ids": [7], "boxes": _RunsCode(marker), "objectness_logits": []}, f)
+    with pytest.raises(ValueError, match="was not loaded") as info:
+        load_proposal_file(str(evil))
+    assert str(evil) in str(info.value)
+    assert not marker.exists()

@@ -1,7 +1,10 @@
 """
 projects/fpn_mask_rcnn: train_net.py survives SIGKILL (--resume continues from the last
-checkpoint to SOLVER.MAX_ITER) and --eval-only evaluates; demo.py runs its whole pipeline.
-Tiny model and images, so each run takes seconds of compute.
+checkpoint to SOLVER.MAX_ITER) and --eval-only evaluates; demo.py runs its whole pipeline;
+bad input and a diverging run end with exit status 2 and a one-line error; no entry point
+(training, --eval-only, --resume, the demo, the fast-path benchmark) runs code from a weights
+file. Tiny model and images, so each run takes seconds of compute; subprocesses only where
+the exit status or the terminal output is the point.
 """
 import json
 import os
@@ -12,25 +15,15 @@ import time
 
 import pytest
 import torch
+from demo_testutils import DEMO_CONFIG, TINY_SHAPES_OPTS
+from demo_testutils import TINY_OPTS as DEMO_TINY_OPTS
+from hostile_testutils import code_running_checkpoint, datasets_set_aside
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN_NET = os.path.join(ROOT, "projects", "fpn_mask_rcnn", "train_net.py")
 DEMO = os.path.join(ROOT, "projects", "fpn_mask_rcnn", "demo.py")
-DEMO_CONFIG = os.path.join(ROOT, "configs", "Demo", "mask_rcnn_R_18_custom_fpn_shapes.yaml")
 # The demo model and dataset at 64 px with narrow heads.
-TINY_OPTS = [
-    "DATASETS.SHAPES.NUM_TRAIN", "8", "DATASETS.SHAPES.NUM_VAL", "2",
-    "DATASETS.SHAPES.IMAGE_SIZE", "64",
-    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
-    "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
-    "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.FC_DIM", "64",
-    "MODEL.ROI_MASK_HEAD.CONV_DIM", "32", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
-    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "50",
-    "MODEL.RPN.PRE_NMS_TOPK_TEST", "100", "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.001", "SOLVER.WARMUP_ITERS", "5",
-    "SOLVER.STEPS", "()",
-    "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0",
-]
+TINY_OPTS = TINY_SHAPES_OPTS + DEMO_TINY_OPTS
 MAX_ITER = 60
 PERIOD = 5
 
@@ -82,6 +75,9 @@ def test_sigkill_then_resume_continues_to_max_iter(tmp_path):
     resumed = subprocess.run(_train_cmd(tmp_path, "--resume"), cwd=ROOT, env=_env(),
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # Third-party start-up noise stays out of the terminal (Detectron2 logs to stdout).
+    for noise in ("FutureWarning", "UserWarning", "No CUDA runtime", "gpuGetDeviceCount"):
+        assert noise not in resumed.stderr, resumed.stderr[-3000:]
     log = (out / "log.txt").read_text()
     assert f"Starting training from iteration {killed_at + 1}" in log
     final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
@@ -106,8 +102,9 @@ def test_sigkill_then_resume_continues_to_max_iter(tmp_path):
 def test_amp_on_cpu_fails_at_start_with_the_key(tmp_path):
     result = subprocess.run(_train_cmd(tmp_path) + ["SOLVER.AMP.ENABLED", "True"], cwd=ROOT,
                             env=_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0
-    assert "SOLVER.AMP.ENABLED=True needs a CUDA device" in result.stderr
+    assert result.returncode == 2
+    assert "error: SOLVER.AMP.ENABLED=True needs a CUDA device" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.timeout(600)
@@ -129,3 +126,102 @@ def test_demo_pipeline_writes_every_artifact(tmp_path):
     log = (out / "log.txt").read_text()
     assert " eta: " in log and "Inference done" in log
     assert "ETA" in result.stdout + result.stderr
+
+
+def test_diverging_run_stops_with_a_clear_error(tmp_path):
+    """AdamW at SOLVER.BASE_LR 100 blows the loss up: the run stops with exit status 2 and a
+    message naming the iteration and SOLVER.BASE_LR, no traceback."""
+    cmd = _train_cmd(tmp_path) + ["SOLVER.BASE_LR", "100.0", "SOLVER.WARMUP_ITERS", "0",
+                                  "SOLVER.CHECKPOINT_PERIOD", "1000"]
+    result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "error: training diverged" in result.stderr
+    assert "SOLVER.BASE_LR (now 100)" in result.stderr
+    assert "iteration" in result.stderr and "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "out" / "model_final.pth").exists()
+
+
+# -- in-process: every path that loads weights refuses code-running files ----------------------
+
+def _load_script(path, name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory):
+    """One tiny shapes dataset for the in-process runs (they register the real names)."""
+    from fpn_plugin.data.shapes import SHAPES_DATASET_NAMES
+
+    with datasets_set_aside(SHAPES_DATASET_NAMES):
+        yield str(tmp_path_factory.mktemp("inprocess_shapes"))
+
+
+def _expect_exit_2(run, capsys):
+    with pytest.raises(SystemExit) as info:
+        run()
+    assert info.value.code == 2
+    return capsys.readouterr().err
+
+
+def _train_net_args(shapes_root, out, *flags, weights=None):
+    from detectron2.engine import default_argument_parser
+
+    opts = [*TINY_OPTS, "DATASETS.SHAPES.ROOT", shapes_root, "OUTPUT_DIR", str(out),
+            "SOLVER.MAX_ITER", "2"] + (["MODEL.WEIGHTS", weights] if weights else [])
+    return default_argument_parser().parse_args(
+        ["--config-file", DEMO_CONFIG, *flags, *opts])
+
+
+@pytest.mark.parametrize("suffix", [".pkl", ".pth"])
+@pytest.mark.parametrize("flags", [["--eval-only"], []], ids=["eval_only", "train"])
+def test_train_net_refuses_code_running_weights(tmp_path, shapes_root, capsys, restore_loggers,
+                                                suffix, flags):
+    train_net = _load_script(TRAIN_NET, "train_net_under_test")
+    marker = tmp_path / "code_ran"
+    weights = code_running_checkpoint(tmp_path / f"evil{suffix}", marker)
+    args = _train_net_args(shapes_root, tmp_path / "out", *flags, weights=weights)
+    err = _expect_exit_2(lambda: train_net.main(args), capsys)
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and weights in last and "other than weights" in last
+    assert not marker.exists()
+
+
+def test_train_net_resume_refuses_a_planted_checkpoint(tmp_path, shapes_root, capsys,
+                                                      restore_loggers):
+    train_net = _load_script(TRAIN_NET, "train_net_under_test")
+    out = tmp_path / "out"
+    out.mkdir()
+    marker = tmp_path / "code_ran"
+    code_running_checkpoint(out / "model_0000009.pth", marker)
+    (out / "last_checkpoint").write_text("model_0000009.pth")
+    err = _expect_exit_2(lambda: train_net.main(_train_net_args(shapes_root, out, "--resume")),
+                         capsys)
+    assert "cannot resume: no intact checkpoint" in err and "model_0000009.pth" in err
+    assert not marker.exists()
+
+
+def test_demo_refuses_code_running_weights(tmp_path, shapes_root, capsys, restore_loggers):
+    demo = _load_script(DEMO, "demo_under_test")
+    marker = tmp_path / "code_ran"
+    weights = code_running_checkpoint(tmp_path / "evil.pkl", marker)
+    argv = ["--output-dir", str(tmp_path / "demo"), *TINY_OPTS, "DATASETS.SHAPES.ROOT",
+            shapes_root, "MODEL.WEIGHTS", weights]
+    err = _expect_exit_2(lambda: demo.main(argv), capsys)
+    assert weights in err and "Traceback" not in err
+    assert not marker.exists()
+
+
+def test_benchmark_refuses_code_running_weights(tmp_path, shapes_root, capsys, restore_loggers):
+    bench = _load_script(os.path.join(ROOT, "benchmarks", "bench_fast_path.py"), "bench_under_test")
+    marker = tmp_path / "code_ran"
+    weights = code_running_checkpoint(tmp_path / "evil.pth", marker)
+    argv = ["--weights", weights, *TINY_OPTS, "DATASETS.SHAPES.ROOT", shapes_root]
+    err = _expect_exit_2(lambda: bench.main(argv), capsys)
+    assert weights in err
+    assert not marker.exists()

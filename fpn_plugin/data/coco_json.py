@@ -1,0 +1,173 @@
+"""
+Checks of a COCO instances JSON file as written, before Detectron2's loader reads it.
+
+Detectron2's ``load_coco_json`` drops some annotations without saying which (polygons with
+fewer than 3 points; an annotation left without a polygon), fails with a bare ``KeyError`` or
+``AssertionError`` on others (a category id missing from ``categories``, duplicate annotation
+ids, the ``ignore`` flag), and never sees annotations whose ``image_id`` is not among the
+images. pycocotools, which scores COCO evaluation on the same file, fails on short polygons
+too. :func:`scan_coco_json` reports all of these as :class:`InvalidRecord` (file, image id,
+annotation index and annotation id), so callers can skip or refuse them before loading.
+
+Pure Python (json only); no Detectron2 state is touched.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Set
+
+from .validation import InvalidRecord
+
+__all__ = ["CocoJsonScan", "scan_coco_json", "without_images"]
+
+
+@dataclass
+class CocoJsonScan:
+    """
+    What :func:`scan_coco_json` found.
+
+    Attributes:
+        data (dict): the parsed JSON.
+        problems (list[InvalidRecord]): one per problem; ``image_id`` is the COCO image id
+            (None for an annotation whose image does not exist).
+        annotation_ids (dict): image id -> the ids of its annotations in file order (the order
+            ``load_coco_json`` keeps them in), to name annotations found bad after loading.
+    """
+
+    data: dict
+    problems: List[InvalidRecord] = field(default_factory=list)
+    annotation_ids: Dict[object, List[object]] = field(default_factory=dict)
+
+    @property
+    def bad_image_ids(self) -> Set[object]:
+        return {p.image_id for p in self.problems if p.image_id is not None}
+
+
+def _finite_numbers(values) -> bool:
+    try:
+        return all(math.isfinite(float(v)) for v in values)
+    except (TypeError, ValueError):
+        return False
+
+
+def _segmentation_problem(segm) -> Optional[str]:
+    """Why Detectron2 or pycocotools would drop or choke on ``segm``, or None."""
+    if isinstance(segm, dict):
+        if "counts" not in segm or "size" not in segm:
+            return f"RLE segmentation without 'counts' and 'size' (keys {sorted(segm)})"
+        return None
+    if not isinstance(segm, list):
+        return f"segmentation is a {type(segm).__name__}, neither polygons nor RLE"
+    for k, poly in enumerate(segm):
+        if not isinstance(poly, list) or not _finite_numbers(poly):
+            return f"polygon {k} is not a list of finite numbers"
+        if len(poly) < 6 or len(poly) % 2:
+            return (f"polygon {k} has {len(poly)} coordinates (a polygon needs an even number, "
+                    "at least 3 points); Detectron2's loader would drop it without a word")
+    return None
+
+
+def _load(json_file: str) -> dict:
+    if not os.path.isfile(json_file):
+        raise ValueError(f"COCO annotation file not found: {json_file!r}")
+    try:
+        with open(json_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"COCO annotation file {json_file!r} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"COCO annotation file {json_file!r} holds a {type(data).__name__}, "
+                         "not an object with 'images', 'annotations' and 'categories'")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key, []), list):
+            raise ValueError(f"COCO annotation file {json_file!r}: '{key}' is not a list")
+    return data
+
+
+def scan_coco_json(json_file: str, image_root: str, dataset: str) -> CocoJsonScan:
+    """
+    Check a COCO instances file for what Detectron2's loader or pycocotools would drop
+    silently or fail on.
+
+    Args:
+        json_file (str): the COCO JSON.
+        image_root (str): its image folder (for the file names in the report).
+        dataset (str): dataset name, for the report.
+
+    Returns:
+        CocoJsonScan: the parsed data and the problems.
+
+    Raises:
+        ValueError: the file is missing, not JSON, or not shaped like a COCO file.
+    """
+    data = _load(json_file)
+    scan = CocoJsonScan(data)
+    where = f"in {json_file}"
+
+    def report(image, index, anno_id, reason):
+        file_name = os.path.join(image_root, str(image.get("file_name", "?"))) if image else "?"
+        scan.problems.append(InvalidRecord(dataset, file_name, image.get("id") if image else None,
+                                           index, f"{reason} ({where})", annotation_id=anno_id))
+
+    images: Dict[object, dict] = {}
+    for i, image in enumerate(data.get("images", [])):
+        if not isinstance(image, dict) or "id" not in image:
+            scan.problems.append(InvalidRecord(dataset, "?", None, None,
+                                               f"images[{i}] has no 'id' ({where})"))
+            continue
+        if image["id"] in images:
+            report(image, None, None, f"image id {image['id']!r} appears twice; COCO tools "
+                                      "would keep only the last entry")
+            continue
+        images[image["id"]] = image
+        if not isinstance(image.get("file_name"), str) or not image["file_name"]:
+            report(image, None, None, "image entry without 'file_name'")
+    categories = {c.get("id") for c in data.get("categories", []) if isinstance(c, dict)}
+
+    seen_ids: Set[object] = set()
+    for position, anno in enumerate(data.get("annotations", [])):
+        if not isinstance(anno, dict):
+            scan.problems.append(InvalidRecord(
+                dataset, "?", None, None, f"annotations[{position}] is not an object ({where})"))
+            continue
+        anno_id = anno.get("id")
+        image = images.get(anno.get("image_id"))
+        ids = scan.annotation_ids.setdefault(anno.get("image_id"), []) if image else None
+        index = len(ids) if ids is not None else None
+        if ids is not None:
+            ids.append(anno_id)
+        if image is None:
+            report(None, None, anno_id, f"annotation id {anno_id!r} refers to image_id "
+                                        f"{anno.get('image_id')!r}, which is not among the images")
+            continue
+        if anno_id in seen_ids:
+            report(image, index, anno_id, f"annotation id {anno_id!r} is not unique")
+        seen_ids.add(anno_id)
+        if anno.get("category_id") not in categories:
+            report(image, index, anno_id, f"category_id {anno.get('category_id')!r} (annotation "
+                                          f"id {anno_id}) is not among the categories")
+        if anno.get("ignore", 0):
+            report(image, index, anno_id, "the 'ignore' flag is set, which Detectron2 does not "
+                                          "support")
+        if "bbox" in anno and (not isinstance(anno["bbox"], list) or len(anno["bbox"]) != 4):
+            report(image, index, anno_id, f"bbox {anno['bbox']!r} is not [x, y, width, height]")
+        if "segmentation" in anno:
+            reason = _segmentation_problem(anno["segmentation"])
+            if reason:
+                report(image, index, anno_id, reason)
+    return scan
+
+
+def without_images(data: dict, image_ids: Set[object]) -> dict:
+    """A copy of COCO ``data`` without the given images, their annotations, and annotations
+    of images that do not exist. (An image id that appears twice is among the problems the
+    scan reports, so both of its entries go.)"""
+    kept = [im for im in data.get("images", [])
+            if isinstance(im, dict) and "id" in im and im["id"] not in image_ids]
+    kept_ids = {im["id"] for im in kept}
+    out = dict(data)
+    out["images"] = kept
+    out["annotations"] = [a for a in data.get("annotations", [])
+                          if isinstance(a, dict) and a.get("image_id") in kept_ids]
+    return out

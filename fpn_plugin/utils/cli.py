@@ -1,0 +1,56 @@
+"""
+What the command-line entries share: a quiet terminal and one way to end on a clear error.
+
+- :func:`quiet_third_party_noise` keeps out of the terminal what torch and Detectron2 print on
+  every CPU run that the user cannot act on (deprecation notices about Detectron2's own
+  calls, "No CUDA runtime is found", the profiler's "gpuGetDeviceCount failed").
+- :func:`exit_on_errors`: the listed exception types end the command with exit status 2 and
+  one line ``error: <message>`` on stderr, without a traceback.
+"""
+import contextlib
+import logging
+import os
+import sys
+import warnings
+from typing import Iterator, Tuple, Type
+
+__all__ = ["EXIT_BAD_INPUT", "exit_on_errors", "quiet_third_party_noise"]
+
+EXIT_BAD_INPUT = 2
+
+# (category, message regex) of warnings raised inside torch/Detectron2 on every run.
+_NOISE = (
+    (FutureWarning, r"`torch\.jit\.script` is deprecated"),
+    (FutureWarning, r".*torch\.cuda\.amp\..* is deprecated"),
+    (UserWarning, r"torch\.meshgrid: in an upcoming release"),
+    (UserWarning, r"pkg_resources is deprecated as an API"),  # Detectron2's model_zoo import
+)
+
+
+def quiet_third_party_noise() -> None:
+    """Filter the known third-party start-up and run-time noise (see the module docstring)."""
+    for category, message in _NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    # Detectron2's environment report looks for a CUDA toolkit and torch logs that it has none.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    # The profiler (benchmarks' memory measurement) logs CUDA probing errors on CPU machines.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+
+def _one_line(error: BaseException) -> str:
+    message = str(error).strip() or type(error).__name__
+    # An error re-raised from a DataLoader worker carries the worker's traceback as text.
+    if "Original Traceback" in message:
+        message = [line for line in message.splitlines() if line.strip()][-1].strip()
+    return message
+
+
+@contextlib.contextmanager
+def exit_on_errors(*errors: Type[BaseException]) -> Iterator[None]:
+    """Turn ``errors`` raised in the block into ``error: ...`` on stderr and exit status 2."""
+    caught: Tuple[Type[BaseException], ...] = tuple(errors)
+    try:
+        yield
+    except caught as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_BAD_INPUT) from None

@@ -1,0 +1,22 @@
+"""The demo's config shrunk for tests (64 px images, narrow heads): a training step takes a
+fraction of a second. Shared by the trainer tests and the train_net/demo entry tests."""
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_CONFIG = os.path.join(ROOT, "configs", "Demo", "mask_rcnn_R_18_custom_fpn_shapes.yaml")
+
+# KEY VALUE overrides of DEMO_CONFIG.
+TINY_OPTS = [
+    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
+    "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
+    "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.FC_DIM", "64",
+    "MODEL.ROI_MASK_HEAD.CONV_DIM", "32", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
+    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "50",
+    "MODEL.RPN.PRE_NMS_TOPK_TEST", "100", "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
+    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.001", "SOLVER.WARMUP_ITERS", "5",
+    "SOLVER.STEPS", "()",
+    "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0",
+]
+# The embedded shapes dataset at the same size (for runs that generate it).
+TINY_SHAPES_OPTS = ["DATASETS.SHAPES.NUM_TRAIN", "8", "DATASETS.SHAPES.NUM_VAL", "2",
+                    "DATASETS.SHAPES.IMAGE_SIZE", "64"]

@@ -1,0 +1,146 @@
+"""
+The documentation runs as shown, and its claims point at tests that exist.
+
+- Every ``python`` snippet in README.md and docs/*.md runs, in this process, from the
+  repository root, on CPU; every ``bash`` snippet runs too, unless the line before it is a
+  marker ``<!-- snippet: skip: <why> -->`` (a command that needs GPUs, COCO, a trained model or
+  hours). Markers must sit right before a snippet and give a reason; test node ids they name
+  must exist (a parametrized test may be named without its parameters).
+- docs/reliability.md lists at least 80 bad inputs and faults, each mapped to test node ids
+  that exist (checked against this session's collected tests, or by collecting them).
+"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = ["README.md"] + sorted(os.path.join("docs", f)
+                              for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md"))
+_FENCE = re.compile(r"^```(\S*)\s*$")
+_SKIP = re.compile(r"^<!--\s*snippet:\s*skip:\s*(.*?)\s*-->\s*$")
+_NODE_ID = re.compile(r"`(tests/[\w/]+\.py::\w+(?:\[[^`]*\])?)`")
+
+
+def _snippets():
+    """(file, line, language, code, skip reason or None) of every fenced block."""
+    found = []
+    for doc in DOCS:
+        with open(os.path.join(ROOT, doc), encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        i = 0
+        while i < len(lines):
+            match = _FENCE.match(lines[i])
+            if not match:
+                i += 1
+                continue
+            start, lang = i, match.group(1)
+            end = next(j for j in range(i + 1, len(lines)) if lines[j].strip() == "```")
+            previous = next((lines[j] for j in range(start - 1, -1, -1) if lines[j].strip()), "")
+            skip = _SKIP.match(previous.strip())
+            found.append((doc, start + 1, lang, "\n".join(lines[start + 1:end]),
+                          skip.group(1) if skip else None))
+            i = end + 1
+    return found
+
+
+SNIPPETS = [s for s in _snippets() if s[2] in ("python", "bash")]
+RUNNABLE = [s for s in SNIPPETS if s[4] is None]
+
+
+def _ids():
+    """Stable test ids: the document and the snippet's rank among its runnable ones."""
+    ids, seen = [], {}
+    for doc, _, _, _, _ in RUNNABLE:
+        seen[doc] = seen.get(doc, 0) + 1
+        ids.append(f"{doc}#{seen[doc]}")
+    return ids
+
+
+def _markers():
+    out = []
+    for doc in DOCS:
+        with open(os.path.join(ROOT, doc), encoding="utf-8") as f:
+            out += [(doc, n + 1, m.group(1)) for n, line in enumerate(f)
+                    for m in [_SKIP.match(line.strip())] if m]
+    return out
+
+
+def test_skip_markers_precede_snippets_and_give_reasons():
+    """The marked snippets are exactly the skipped ones: no stray marker, none without why."""
+    skipped = [(doc, line) for doc, line, _, _, reason in SNIPPETS if reason is not None]
+    markers = _markers()
+    assert len(markers) == len(skipped), (markers, skipped)
+    assert all(len(reason) > 20 for _, _, reason in markers), markers
+    # Every other snippet is run by the tests below.
+    assert len(RUNNABLE) + len(skipped) == len(SNIPPETS)
+    assert any(lang == "python" for _, _, lang, _, _ in RUNNABLE)
+
+
+@pytest.mark.parametrize("doc, line, lang, code", [s[:4] for s in RUNNABLE], ids=_ids())
+def test_snippet_runs_on_cpu(doc, line, lang, code, monkeypatch):
+    """Python snippets run in this process (Detectron2 is imported already), bash in a shell;
+    both from the repository root, on this CPU-only machine."""
+    if lang == "bash":
+        result = subprocess.run(["bash", "-e", "-c", code], cwd=ROOT, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, f"{doc}:{line}\n{result.stderr[-3000:]}"
+        return
+    import torch
+
+    monkeypatch.chdir(ROOT)
+    before = torch.get_num_threads()
+    try:
+        exec(compile(code, f"{doc}:{line}", "exec"), {"__name__": "__snippet__"})
+    finally:
+        torch.set_num_threads(before)
+
+
+def _node_ids_in(text):
+    return sorted(set(_NODE_ID.findall(text)))
+
+
+@pytest.fixture(scope="module")
+def collected(request):
+    """Node ids of this session, plus those of test files it did not collect."""
+    def known(ids):
+        have = {item.nodeid for item in request.session.items}
+        files = sorted({i.split("::")[0] for i in ids} - {n.split("::")[0] for n in have})
+        if files:
+            out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                                  "-p", "no:cacheprovider", *files], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=600)
+            have |= {line.strip() for line in out.stdout.splitlines() if "::" in line}
+        return have
+    return known
+
+
+def _reliability_cases():
+    with open(os.path.join(ROOT, "docs", "reliability.md"), encoding="utf-8") as f:
+        rows = [line for line in f if re.match(r"^\|\s*\d+\s*\|", line)]
+    return [[cell.strip() for cell in row.strip().strip("|").split("|")] for row in rows]
+
+
+def test_reliability_doc_lists_at_least_80_cases_each_with_a_test():
+    cases = _reliability_cases()
+    assert len(cases) >= 80
+    numbers = [int(c[0]) for c in cases]
+    assert numbers == list(range(1, len(cases) + 1))
+    for case in cases:
+        assert len(case) == 4 and all(case), case  # number, input/fault, behaviour, tests
+        assert _node_ids_in(case[3]), case
+
+
+def test_every_test_the_docs_name_exists(collected):
+    texts = []
+    for doc in DOCS:
+        with open(os.path.join(ROOT, doc), encoding="utf-8") as f:
+            texts.append(f.read())
+    named = _node_ids_in("\n".join(texts))
+    assert len(named) >= 60
+    have = collected(named)
+    # A parametrized test may be named as a whole (all its cases).
+    missing = [n for n in named if n not in have and not any(h.startswith(n + "[") for h in have)]
+    assert not missing, missing
