@@ -59,8 +59,7 @@ def _make_host(tmp_path):
     for dist in importlib.metadata.distributions(path=[site_dir]):
         if _normalize(dist.metadata["Name"]) in NOT_ON_HOST:
             continue
-        tops = {str(f).split("/")[0] for f in dist.files or []}
-        tops.add(os.path.basename(str(dist._path)))  # the .dist-info folder
+        tops = {str(f).split("/")[0] for f in dist.files or []}  # RECORD lists .dist-info too
         for top in tops:
             src = os.path.join(site_dir, top)
             if top not in ("..", "") and os.path.exists(src) and not (view / top).exists():
@@ -81,7 +80,7 @@ def _freeze(python):
     """name==version of every distribution ``python`` sees, with where each lives."""
     out = subprocess.check_output([python, "-c", (
         "import importlib.metadata as m, json; print(json.dumps(sorted("
-        "(d.metadata['Name'].lower(), d.version, str(d._path)) for d in m.distributions())))")],
+        "(d.metadata['Name'].lower(), d.version, str(d.locate_file(''))) for d in m.distributions())))")],
         text=True, cwd="/")  # not the checkout: its fpn_plugin.egg-info would count
     return json.loads(out)
 
