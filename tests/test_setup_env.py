@@ -85,7 +85,8 @@ def _freeze(python):
     return json.loads(out)
 
 
-def test_host_mode_installs_only_what_is_missing_from_carried_wheels(tmp_path):
+@pytest.mark.parametrize("source", ["carried_wheels", "registry"])
+def test_host_mode_installs_only_what_is_missing(source, tmp_path):
     import torch
 
     if not torch.__file__.startswith(_base_site()):
@@ -95,15 +96,20 @@ def test_host_mode_installs_only_what_is_missing_from_carried_wheels(tmp_path):
     assert any(name == "torch" for name, _, _ in before)
     assert not any(_normalize(name) in NOT_ON_HOST for name, _, _ in before)
 
-    # The offline path of the GPU check: wheels prepared by gpu_wheels.py, pip --no-index.
-    wheels = tmp_path / "wheels"
-    py_version = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    subprocess.run([sys.executable, os.path.join(ENV_TOOLS, "gpu_wheels.py"), "--dest", str(wheels),
-                    "--python-version", py_version], check=True, capture_output=True, text=True)
+    args = []
+    if source == "carried_wheels":
+        # The offline path of the GPU check: wheels prepared by gpu_wheels.py, pip --no-index.
+        wheels = tmp_path / "wheels"
+        py_version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+        subprocess.run([sys.executable, os.path.join(ENV_TOOLS, "gpu_wheels.py"), "--dest",
+                        str(wheels), "--python-version", py_version],
+                       check=True, capture_output=True, text=True)
+        args = ["--wheels", str(wheels)]
+    # else: Detectron2 is built from the sdist, the rest comes from the registry.
     checkout = _copy_checkout(tmp_path / "checkout")
     env = {**os.environ, "FPN_PLUGIN_CACHE": str(tmp_path / "cache")}
-    out = subprocess.run([host_py, os.path.join(checkout, "tools", "env", "setup_env.py"),
-                          "--wheels", str(wheels)], env=env, capture_output=True, text=True)
+    out = subprocess.run([host_py, os.path.join(checkout, "tools", "env", "setup_env.py"), *args],
+                         env=env, capture_output=True, text=True)
     logs = glob.glob(str(tmp_path / "cache" / "logs" / "*.log"))
     assert out.returncode == 0, out.stdout + out.stderr + "".join(open(p).read() for p in logs)
     assert "host mode: keeping this interpreter's torch" in out.stdout

@@ -82,7 +82,7 @@ fi
 
 # 2. Tests: the CUDA tests on their own (their count in the summary), then the rest.
 # tests/test_setup_env.py is left out: it sets up environments from the registry.
-summary_line() { grep -E '^(=+ )?[0-9]+ (passed|failed|skipped)' "$1" | tail -n 1; }
+summary_line() { grep -E '^(=+ )?[0-9]+ (passed|failed|skipped)' "$1" | tail -n 1 | tr -d '=' | xargs; }
 t=$(date +%s)
 timeout 120 $PY -m pytest tests/test_cuda.py -v -rs -p no:cacheprovider > output/gpu_check/pytest_cuda.log 2>&1
 record "CUDA tests (rc $?, $(elapsed "$t") s): $(summary_line output/gpu_check/pytest_cuda.log)"

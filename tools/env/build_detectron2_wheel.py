@@ -16,7 +16,9 @@ applied to the staged copy so the wheel runs on current numpy/Pillow/setuptools;
 names the exact text and how often it must occur, so a different sdist fails the build instead
 of being half-patched, and each applied edit is printed (the set-up's log keeps it). Every
 edit keeps v0.6's behaviour on the old stack too: ``np.bool`` *was* ``bool``, ``Image.LINEAR``
-*was* ``Image.BILINEAR``, ``np.asarray`` is what ``copy=False`` meant before numpy 2.
+*was* ``Image.BILINEAR``, ``np.asarray`` is what ``copy=False`` meant before numpy 2, and
+``float(h)`` keeps the float64 arithmetic numpy 1 did where numpy 2 (NEP 50) would stay in
+float32.
 Afterwards ``REMOVED_API`` scans the whole staged tree, so an alias use the list missed fails
 the build as well.
 
@@ -55,9 +57,16 @@ class Substitution:
 
 
 _NP_ALIAS = "numpy 1.24 removed the alias of the builtin"
+# numpy 2's promotion rules (NEP 50) keep int / np.float32 in float32; numpy 1 gave float64, and
+# the mask targets' rasterization (mask head loss) depends on that ratio.
+_NEP50 = "keeps numpy 1's float64 ratio under numpy 2's NEP 50 promotion"
 # Paths are relative to the staged tree (the wheel's top level).
 SUBSTITUTIONS = (
     Substitution("detectron2/structures/masks.py", "np.bool)", "bool)", 3, _NP_ALIAS),
+    Substitution("detectron2/structures/masks.py", "mask_size / max(h, 0.1)",
+                 "mask_size / max(float(h), 0.1)", 1, _NEP50),
+    Substitution("detectron2/structures/masks.py", "mask_size / max(w, 0.1)",
+                 "mask_size / max(float(w), 0.1)", 1, _NEP50),
     Substitution("detectron2/data/build.py", "dtype=np.int", "dtype=int", 2, _NP_ALIAS),
     Substitution("detectron2/data/datasets/pascal_voc.py", "dtype=np.str)", "dtype=str)", 1,
                  _NP_ALIAS),

@@ -228,8 +228,9 @@ def install_into_host_env(py, base, host, wheels, wheel_cache, logfile, net_todo
         f.write("import site; " + "; ".join(f"site.addsitedir({d!r})" for d in host.site_dirs)
                 + "\n")
     # Pins of what the interpreter has, less what the new environment holds itself (the pip and
-    # setuptools of ensurepip, when the interpreter has no pip).
+    # setuptools of ensurepip, when the interpreter has no pip) and pip (a tool, see below).
     own = {normalize(d.metadata["Name"]) for d in importlib.metadata.distributions(path=[base_site])}
+    own.add("pip")
     constraints = os.path.join(base, "host-constraints.txt")
     with open(constraints, "w") as f:
         f.write("\n".join(c for c in host.constraints if c.split("==")[0] not in own) + "\n")
@@ -240,11 +241,16 @@ def install_into_host_env(py, base, host, wheels, wheel_cache, logfile, net_todo
     if host.detectron2:
         log(f"Detectron2 already importable from {host.detectron2}: keeping it")
     else:
-        if not wheels and not host.has("setuptools"):
-            # The sdist's metadata is prepared without build isolation (its setup.py imports torch).
-            run_step("installing setuptools (to read the Detectron2 sdist)",
-                     [py, "-m", "pip", "install", "-c", constraints, "setuptools"], logfile,
-                     net_todo)
+        if not wheels:
+            # The sdist's metadata is prepared without build isolation (its setup.py imports
+            # torch), which needs setuptools and a pip the lock allows (26.3 refuses the sdist);
+            # a pip installed here only shadows the interpreter's inside this environment.
+            with open(LOCK_FILE) as f:
+                pip_pin = [line.strip() for line in f if line.startswith("pip==")]
+            run_step(f"installing {pip_pin[0]} and, if missing, setuptools (to read the "
+                     "Detectron2 sdist)",
+                     [py, "-m", "pip", "install", "-c", constraints, *pip_pin, "setuptools"],
+                     logfile, net_todo)
         targets.insert(0, detectron2_wheel(py, wheels, wheel_cache, logfile, net_todo))
     if targets:
         names = [os.path.basename(t) for t in targets]
