@@ -179,3 +179,38 @@ def test_substituted_code_paths_run_on_this_numpy_and_pillow():
     assert pasted.dtype == torch.uint8 and pasted.sum().item() > 0 and pasted[0].sum() == 0
     dicts = [{"annotations": [{"category_id": 0}, {"category_id": 1}, {"category_id": 1}]}]
     print_instances_class_histogram(dicts, ["a", "b"])  # np.int was used for the histogram
+
+
+def test_mask_target_rasterization_keeps_numpy1_float64_ratio():
+    """
+    v0.6 rasterizes the mask head's targets with ``mask_size / max(h, 0.1)``, h a float32
+    box side: float64 under numpy 1, float32 under numpy 2 (NEP 50), which moves pixels where
+    a vertex lands on the target grid. The substituted code must give numpy 1's result.
+    """
+    import numpy as np
+    from detectron2.structures.masks import polygons_to_bitmask, rasterize_polygons_within_box
+
+    _our_detectron2_wheel()
+
+    def reference(polygons, box, mask_size, ratio_type):
+        w, h = box[2] - box[0], box[3] - box[1]
+        ratio_h = ratio_type(mask_size) / ratio_type(max(h, 0.1))
+        ratio_w = ratio_type(mask_size) / ratio_type(max(w, 0.1))
+        shifted = []
+        for p in polygons:
+            p = p.copy()
+            p[0::2] = (p[0::2] - box[0]) * np.float64(ratio_w)
+            p[1::2] = (p[1::2] - box[1]) * np.float64(ratio_h)
+            shifted.append(p)
+        return torch.from_numpy(polygons_to_bitmask(shifted, mask_size, mask_size))
+
+    # One of the 9 (of 603) targets of the demo's first 20 iterations where the two differ: a
+    # ground-truth box (proposals include them) around a shapes-dataset polygon.
+    polygon = [np.array([42.5, 50.5, 32.5, 55.5, 26.5, 63.5, 26.5, 67.5, 25.5, 68.5, 25.5, 76.5,
+                         26.5, 77.5, 26.5, 80.5, 28.5, 84.5, 34.5, 90.5, 42.5, 94.5, 54.5, 94.5,
+                         61.5, 90.5, 66.5, 84.5, 69.5, 78.5, 69.5, 74.5, 70.5, 73.5, 69.5, 67.5,
+                         64.5, 57.5, 62.5, 56.5, 60.5, 53.5, 54.5, 50.5])]
+    box = np.array([26.0, 51.0, 71.0, 95.0], dtype=np.float32)
+    got = rasterize_polygons_within_box(polygon, box, 28)
+    assert torch.equal(got, reference(polygon, box, 28, np.float64))
+    assert not torch.equal(got, reference(polygon, box, 28, np.float32))  # the case discriminates
