@@ -1,15 +1,18 @@
 # fpn_plugin developer commands. Every target that runs code sets up the environment first
 # (idempotent: seconds when nothing changed). PYTHON picks the interpreter the environment is
-# built from; if it already imports Detectron2, that Detectron2 is used untouched.
+# built from (3.11, 3.12 or 3.13); if it already imports torch, that torch (and a Detectron2 it
+# has) is used untouched and only what is missing is added. SETUP_ARGS goes to
+# tools/env/setup_env.py (e.g. `--wheels .whl` to install offline from a wheels folder).
 PYTHON ?= python3
 VENV_PY := .venv/bin/python
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+SETUP_ARGS ?=
 
-.PHONY: setup test demo clean-env
+.PHONY: setup test demo clean-env gpu-wheels
 
 setup:
-	@$(PYTHON) tools/env/setup_env.py
+	@$(PYTHON) tools/env/setup_env.py $(SETUP_ARGS)
 
 test: setup
 	$(VENV_PY) -m pytest tests $(PYTEST_ARGS)
@@ -25,3 +28,9 @@ clean-env:
 	  base=$$($(PYTHON) -c "import json; print(json.load(open('.venv/.fpn_plugin_env_complete'))['base'])"); \
 	  echo "removing $$base"; rm -rf "$$base"; fi
 	rm -rf .venv
+
+# Wheels for an offline GPU machine with torch preinstalled (Python 3.12 by default): Detectron2
+# (built here) and the small packages such an image lacks, into .whl/ (ignored; tools/gpu_check.sh
+# installs from it).
+gpu-wheels: setup
+	$(VENV_PY) tools/env/gpu_wheels.py --dest .whl

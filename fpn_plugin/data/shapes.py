@@ -113,12 +113,14 @@ def _background(size: int, rng) -> np.ndarray:
     style = rng.integers(0, 3)
     if style == 0:  # linear gradient between two colours
         a = rng.uniform(0, 2 * math.pi)
-        t = (np.cos(a) * xx + np.sin(a) * yy)
+        # float32 factors: numpy 2 would otherwise compute in float64 (NEP 50) and change pixels.
+        t = (np.float32(np.cos(a)) * xx + np.float32(np.sin(a)) * yy)
         t = (t - t.min()) / max(t.max() - t.min(), 1e-6)
     elif style == 1:  # soft stripes
         a = rng.uniform(0, math.pi)
         freq = rng.uniform(3, 10)
-        t = 0.5 + 0.5 * np.sin(2 * math.pi * freq * (np.cos(a) * xx + np.sin(a) * yy))
+        t = 0.5 + 0.5 * np.sin(2 * math.pi * freq * (np.float32(np.cos(a)) * xx
+                                                     + np.float32(np.sin(a)) * yy))
     else:  # low-frequency blotches
         coarse = rng.uniform(0, 1, (6, 6)).astype(np.float32)
         t = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC).clip(0, 1)
