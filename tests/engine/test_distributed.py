@@ -33,10 +33,12 @@ import fpn_plugin.engine.ddp as ddp
 import fpn_plugin.engine.launch as fl
 from fpn_plugin.data.shapes import ensure_shapes_dataset
 
+from demo_testutils import DEMO_CONFIG, TINY_SHAPES_OPTS
+from demo_testutils import TINY_OPTS as DEMO_TINY_OPTS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 JOBS = os.path.join(ROOT, "tests", "engine", "distributed_jobs.py")
 TRAIN_NET = os.path.join(ROOT, "projects", "fpn_mask_rcnn", "train_net.py")
-DEMO_CONFIG = os.path.join(ROOT, "configs", "Demo", "mask_rcnn_R_18_custom_fpn_shapes.yaml")
 FAMILIES = ["parity", "panet_path", "weighted_fusion", "unshared_rpn_per_level_anchors",
             "gn_rpn_per_level_topk", "panet_mask_head", "sync_bn"]
 
@@ -228,19 +230,8 @@ def test_two_process_evaluation_covers_every_image_once_with_the_same_ap(jobs):
 # ---------------------------------------------------------------------------------------------
 # train_net.py: two machines, a killed worker, --resume; torchrun
 # ---------------------------------------------------------------------------------------------
-# The demo model at 64 px with narrow heads (as tests/projects/test_train_net.py).
-TINY_OPTS = [
-    "DATASETS.SHAPES.NUM_TRAIN", "8", "DATASETS.SHAPES.NUM_VAL", "2",
-    "DATASETS.SHAPES.IMAGE_SIZE", "64",
-    "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
-    "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
-    "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.FC_DIM", "64",
-    "MODEL.ROI_MASK_HEAD.CONV_DIM", "32", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
-    "MODEL.RPN.PRE_NMS_TOPK_TRAIN", "200", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "50",
-    "MODEL.RPN.PRE_NMS_TOPK_TEST", "100", "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.BASE_LR", "0.001", "SOLVER.WARMUP_ITERS", "5",
-    "SOLVER.STEPS", "()", "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0",
-]
+# The demo model at 64 px with narrow heads, on the shapes dataset at that size.
+TINY_OPTS = TINY_SHAPES_OPTS + DEMO_TINY_OPTS
 PERIOD = 2
 
 
