@@ -99,11 +99,12 @@ def test_sigkill_then_resume_continues_to_max_iter(tmp_path):
     assert "copypaste: Task: segm" in evaluated.stdout + evaluated.stderr
 
 
-def test_amp_on_cpu_fails_at_start_with_the_key(tmp_path):
-    result = subprocess.run(_train_cmd(tmp_path) + ["SOLVER.AMP.ENABLED", "True"], cwd=ROOT,
+def test_fp16_amp_on_cpu_fails_at_start_with_the_key(tmp_path):
+    result = subprocess.run(_train_cmd(tmp_path) + ["SOLVER.AMP.ENABLED", "True",
+                                                    "SOLVER.AMP.PRECISION", "fp16"], cwd=ROOT,
                             env=_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
-    assert "error: SOLVER.AMP.ENABLED=True needs a CUDA device" in result.stderr
+    assert "error: SOLVER.AMP.PRECISION 'fp16' needs a CUDA device" in result.stderr
     assert "Traceback" not in result.stderr
 
 
