@@ -24,6 +24,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -84,6 +85,20 @@ def _median_iteration_time(metrics_json: str, skip: int = 20) -> float:
     return statistics.median(times) if times else float("nan")
 
 
+def _overall_training_speed(log_txt: str):
+    """(iterations, mean seconds per iteration) from Detectron2's "Overall training speed" log
+    line. The mean is well above the median (:func:`_median_iteration_time`) when other jobs
+    took the cores for a while: then the run's end-to-end time overstates the variant's cost
+    by about iterations * (mean - median)."""
+    pattern = re.compile(r"Overall training speed: (\d+) iterations in \S+ \(([0-9.]+) s / it\)")
+    try:
+        with open(log_txt) as f:
+            found = pattern.findall(f.read())
+    except OSError:
+        found = []
+    return (int(found[-1][0]), float(found[-1][1])) if found else (0, float("nan"))
+
+
 def ensure_dataset(opts) -> None:
     """Generate the shapes dataset before the timed run, so no run pays for it."""
     from fpn_plugin.config import load_config
@@ -127,6 +142,7 @@ def run(args) -> dict:
         "train_seconds_per_iter": _median_iteration_time(
             os.path.join(out, "metrics.json")),
     }
+    _add_training_speed(record, out)
     with open(run_path(args.variant, args.seed), "w") as f:
         json.dump(record, f, indent=1)
     print(f"[bench] {args.variant} seed {args.seed}: mask AP {record['mask_AP']:.2f}, box AP "
@@ -136,13 +152,30 @@ def run(args) -> dict:
     return record
 
 
+def _add_training_speed(record: dict, out_dir: str) -> None:
+    iterations, mean = _overall_training_speed(os.path.join(out_dir, "log.txt"))
+    record["train_iterations"] = iterations
+    record["train_seconds_per_iter_mean"] = mean
+
+
 def load_runs():
     runs = {}
     for path in sorted(glob.glob(os.path.join(RUNS_DIR, "*_seed*.json"))):
         with open(path) as f:
             record = json.load(f)
+        if "train_seconds_per_iter_mean" not in record:  # recorded before it was added
+            _add_training_speed(record, path[:-len(".json")])
         runs.setdefault(record["variant"], {})[record["seed"]] = record
     return runs
+
+
+def contention_seconds(record: dict) -> float:
+    """Estimated seconds the run lost to other jobs: iterations * (mean - median) of the
+    training iterations (0 when the log has no mean or the mean is not above the median)."""
+    mean, median = record.get("train_seconds_per_iter_mean"), record["train_seconds_per_iter"]
+    if not record.get("train_iterations") or mean is None or mean != mean:
+        return 0.0
+    return max(0.0, record["train_iterations"] * (mean - median))
 
 
 def compare(runs) -> dict:
@@ -165,18 +198,28 @@ def compare(runs) -> dict:
         "mask_AP_difference_mean": statistics.mean(diffs),
         "end_to_end_seconds": {"fp32": mean(fp32, "end_to_end_seconds"),
                                "fast": mean(fast, "end_to_end_seconds")},
+        # The same with each run's estimated loss to other jobs taken out (contention_seconds).
+        "end_to_end_seconds_uncontended": {
+            v: statistics.mean(r[s]["end_to_end_seconds"] - contention_seconds(r[s])
+                               for s in seeds) for v, r in (("fp32", fp32), ("fast", fast))},
         "train_seconds_per_iter": {"fp32": mean(fp32, "train_seconds_per_iter"),
                                    "fast": mean(fast, "train_seconds_per_iter")},
+        "contended_runs": [f"{v} seed {s}: ~{contention_seconds(r[s]):.0f} s"
+                           for v, r in (("fp32", fp32), ("fast", fast)) for s in seeds
+                           if contention_seconds(r[s]) > 0.05 * r[s]["end_to_end_seconds"]],
     }
-    result["end_to_end_speedup"] = (result["end_to_end_seconds"]["fp32"]
-                                    / result["end_to_end_seconds"]["fast"])
+    for key in ("end_to_end_seconds", "end_to_end_seconds_uncontended"):
+        result[key.replace("seconds", "speedup")] = result[key]["fp32"] / result[key]["fast"]
     result["train_iter_speedup"] = (result["train_seconds_per_iter"]["fp32"]
                                     / result["train_seconds_per_iter"]["fast"])
+    # Every seed within the AP margin, and the time saved whether or not the contention
+    # estimate is taken out (the lower of the two ratios counts).
     result["criteria"] = {
         "mask_AP_within": MAX_MASK_AP_DROP,
         "end_to_end_speedup_at_least": MIN_END_TO_END_SPEEDUP,
-        "met": bool(result["mask_AP_difference_mean"] >= -MAX_MASK_AP_DROP
-                    and result["end_to_end_speedup"] >= MIN_END_TO_END_SPEEDUP),
+        "met": bool(min(diffs) >= -MAX_MASK_AP_DROP
+                    and min(result["end_to_end_speedup"], result["end_to_end_speedup_uncontended"])
+                    >= MIN_END_TO_END_SPEEDUP),
     }
     return result
 
@@ -184,30 +227,41 @@ def compare(runs) -> dict:
 def markdown(runs, result) -> str:
     seeds = result["seeds"]
     lines = [
-        "| variant | seed | mask AP | box AP | end to end | training s/iter |",
+        "| variant | seed | mask AP | box AP | end to end | training s/iter (median / mean) |",
         "|---|---|---|---|---|---|",
     ]
     for variant in ("fp32", "fast"):
         for s in seeds:
             r = runs[variant][s]
             lines.append(f"| {variant} | {s} | {r['mask_AP']:.2f} | {r['box_AP']:.2f} | "
-                         f"{r['end_to_end_seconds']:.0f} s | {r['train_seconds_per_iter']:.3f} |")
+                         f"{r['end_to_end_seconds']:.0f} s | {r['train_seconds_per_iter']:.3f} / "
+                         f"{r.get('train_seconds_per_iter_mean', float('nan')):.3f} |")
     diffs = ", ".join(f"{d:+.2f}" for d in result["mask_AP_difference_per_seed"])
+    uncontended = result["end_to_end_seconds_uncontended"]
+    contended = result["contended_runs"]
     lines += [
         "",
         f"Means over seeds {seeds}: mask AP fp32 {result['mask_AP']['fp32']:.2f}, fast "
         f"{result['mask_AP']['fast']:.2f} (fast - fp32 per seed: {diffs}; mean "
-        f"{result['mask_AP_difference_mean']:+.2f}). End to end fp32 "
+        f"{result['mask_AP_difference_mean']:+.2f}); box AP fp32 {result['box_AP']['fp32']:.2f}, "
+        f"fast {result['box_AP']['fast']:.2f}. End to end fp32 "
         f"{result['end_to_end_seconds']['fp32']:.0f} s, fast "
         f"{result['end_to_end_seconds']['fast']:.0f} s: **{result['end_to_end_speedup']:.2f}x** "
-        f"shorter; training iterations {result['train_iter_speedup']:.2f}x faster. "
-        f"Criteria (mask AP within {MAX_MASK_AP_DROP}, end to end >= "
-        f"{MIN_END_TO_END_SPEEDUP}x): {'met' if result['criteria']['met'] else 'NOT met'}.",
+        f"shorter ({result['end_to_end_speedup_uncontended']:.2f}x with the time lost to other "
+        f"jobs taken out: {uncontended['fp32']:.0f} s vs {uncontended['fast']:.0f} s); training "
+        f"iterations {result['train_iter_speedup']:.2f}x faster (medians). Runs slowed by other "
+        f"jobs (mean iteration time well above the median): "
+        f"{'; '.join(contended) if contended else 'none'}.",
+        "",
+        f"Criteria (mask AP of every seed within {MAX_MASK_AP_DROP} of fp32's, end to end >= "
+        f"{MIN_END_TO_END_SPEEDUP}x shorter by both ratios): "
+        f"**{'met' if result['criteria']['met'] else 'NOT met'}**.",
         "",
         "`fast` = `SOLVER.AMP.ENABLED True SOLVER.AMP.PRECISION bf16 SOLVER.CHANNELS_LAST True`; "
         "`fp32` = both off. End to end = the demo's `total_seconds` (train + 4 evaluations + "
-        "export; the dataset already generated); training s/iter = median of Detectron2's "
-        "per-iteration `time` after iteration 20.",
+        "export; the dataset already generated); training s/iter: median of Detectron2's "
+        "per-iteration `time` after iteration 20 / Detectron2's overall mean; time lost to other "
+        "jobs = iterations x (mean - median).",
     ]
     return "\n".join(lines)
 
