@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..utils.precision import PRECISIONS, autocast_components, restore_components
 
-__all__ = ["TRAINING_PRECISIONS", "check_training_precision", "resolve_precision",
+__all__ = ["TRAINING_PRECISIONS", "YAML_KEYS", "check_training_precision", "resolve_precision",
            "enable_fast_training", "disable_fast_training", "GradScalerTrainer",
            "make_train_loop", "build_train_loop", "cpu_has_native_bf16"]
 
@@ -55,25 +55,34 @@ def resolve_precision(precision: str, device_type: str) -> str:
     return precision
 
 
-def check_training_precision(precision: str, device_type: str, channels_last: bool) -> str:
+# The config keys errors name: the YAML entry's (the LazyConfig entry passes its own).
+YAML_KEYS = ("SOLVER.AMP.PRECISION", "SOLVER.CHANNELS_LAST")
+
+
+def check_training_precision(precision: str, device_type: str, channels_last: bool,
+                             keys=YAML_KEYS) -> str:
     """
-    Validate a training precision for a device; return it (``"auto"`` resolved). Errors name
-    ``SOLVER.AMP.PRECISION`` / ``SOLVER.CHANNELS_LAST`` (the YAML keys; the LazyConfig entry
-    passes the same values).
+    Validate a training precision for a device; return it (``"auto"`` resolved).
+
+    Args:
+        keys: the names of the precision and channels-last settings in the caller's config,
+            which the errors name (default: the YAML keys; e.g. ``("train.amp.precision",
+            "train.channels_last")`` for a LazyConfig).
     """
+    precision_key, channels_last_key = keys
     if not isinstance(channels_last, bool):
-        raise ValueError(f"SOLVER.CHANNELS_LAST must be True or False, got {channels_last!r}")
+        raise ValueError(f"{channels_last_key} must be True or False, got {channels_last!r}")
     if precision != "auto" and precision not in TRAINING_PRECISIONS:
-        raise ValueError(f"SOLVER.AMP.PRECISION must be one of "
+        raise ValueError(f"{precision_key} must be one of "
                          f"{('auto',) + TRAINING_PRECISIONS}, got {precision!r}")
     precision = resolve_precision(precision, device_type)
     if precision == "fp16" and device_type != "cuda":
         raise ValueError(
-            f"SOLVER.AMP.PRECISION 'fp16' needs a CUDA device, but the model is on "
+            f"{precision_key} 'fp16' needs a CUDA device, but the model is on "
             f"{device_type!r} (CPUs have no fast fp16 convolutions and fp16 needs loss "
             "scaling): use 'bf16' (or 'auto') on CPU")
     if precision == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("SOLVER.AMP.PRECISION 'bf16': this CUDA device has no bf16 support; "
+        raise ValueError(f"{precision_key} 'bf16': this CUDA device has no bf16 support; "
                          "use 'fp16'")
     return precision
 

@@ -19,6 +19,7 @@ from fpn_plugin.data.shapes import shapes_training_input
 from fpn_plugin.engine.precision import (
     GradScalerTrainer,
     build_train_loop,
+    check_training_precision,
     disable_fast_training,
     enable_fast_training,
     make_train_loop,
@@ -224,6 +225,16 @@ def test_bad_settings_name_the_key(cfg, precision, channels_last, match):
     with pytest.raises(ValueError, match=match):
         enable_fast_training(model, precision, channels_last)
     assert "forward" not in model.backbone.__dict__
+
+
+def test_errors_name_the_callers_keys():
+    """The LazyConfig entry validates with its own key names."""
+    keys = ("train.amp.precision", "train.channels_last")
+    with pytest.raises(ValueError, match="train.amp.precision 'fp16' needs a CUDA device"):
+        check_training_precision("fp16", "cpu", False, keys=keys)
+    with pytest.raises(ValueError, match="train.channels_last must be True or False"):
+        check_training_precision("bf16", "cpu", 1, keys=keys)
+    assert check_training_precision("auto", "cpu", True, keys=keys) == "bf16"
 
 
 def test_ddp_wrapped_model_is_refused():
