@@ -226,3 +226,21 @@ def test_benchmark_refuses_code_running_weights(tmp_path, shapes_root, capsys, r
     err = _expect_exit_2(lambda: bench.main(argv), capsys)
     assert weights in err
     assert not marker.exists()
+
+
+def test_demo_trains_fp32_on_a_cpu_without_native_bf16(monkeypatch):
+    """bf16 would be emulated (slower than fp32) on such a CPU: the demo falls back to fp32
+    there, unless SOLVER.AMP.ENABLED was given on the command line."""
+    from fpn_plugin.config import load_config
+
+    demo = _load_script(DEMO, "demo_under_test")
+
+    def amp_after_check(opts, native):
+        monkeypatch.setattr(demo, "cpu_has_native_bf16", lambda: native)
+        cfg = load_config(DEMO_CONFIG, ["SOLVER.AMP.ENABLED", "True"], freeze=False)
+        demo._fp32_without_native_bf16(cfg, opts)
+        return cfg.SOLVER.AMP.ENABLED
+
+    assert not amp_after_check(["SOLVER.MAX_ITER", "10"], native=False)
+    assert amp_after_check(["SOLVER.AMP.ENABLED", "True"], native=False)
+    assert amp_after_check([], native=True)
