@@ -1,4 +1,5 @@
-"""The plugin's model on CUDA: parity with Detectron2, CPU agreement, AMP training, fp16 path.
+"""The plugin's model on CUDA: parity with Detectron2, CPU agreement, AMP training (Detectron2's
+autocast, and the fast training path in fp16 and bf16), fp16 inference path.
 
 Skipped without a CUDA device (CI has none); tools/gpu_check.sh runs them on a GPU machine.
 """
@@ -112,3 +113,39 @@ def test_fp16_fast_path_returns_fp32_results_close_to_fp32():
     assert out.scores.dtype == torch.float32 and len(out) > 0
     n = min(len(out), len(ref))
     assert (out.scores[:n].sort().values - ref.scores[:n].sort().values).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_fast_training_path_on_cuda_trains_convs_in_low_precision(precision):
+    """SOLVER.AMP on CUDA: the components' convs in fp16 (with the gradient scaler) or bf16
+    (without), NHWC; losses fp32, finite and decreasing over a few steps on one batch."""
+    from detectron2.engine import SimpleTrainer
+    from detectron2.utils.events import EventStorage
+
+    from fpn_plugin.engine.precision import GradScalerTrainer, enable_fast_training, make_train_loop
+
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this CUDA device has no bf16")
+    model = enable_fast_training(_model("plugin", "cuda"), precision, channels_last=True)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    outputs = []
+    handles = [m.register_forward_hook(lambda mod, i, o: outputs.append(o.dtype))
+               for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    batch = _batch()
+    batch = [{**x, "image": x["image"].cuda(), "instances": x["instances"].to("cuda")} for x in batch]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loop = make_train_loop(model, [batch] * 8, optimizer, precision)
+    assert type(loop) is (GradScalerTrainer if precision == "fp16" else SimpleTrainer)
+    totals = []
+    with EventStorage() as storage:
+        loop.storage = storage
+        for i in range(8):
+            storage.iter = i
+            loop.run_step()
+            totals.append(storage.latest()["total_loss"][0])
+    for h in handles:
+        h.remove()
+    assert set(outputs) == {dtype}
+    assert all(torch.isfinite(torch.tensor(totals))), totals
+    assert min(totals[-3:]) < totals[0], totals
+    assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -7,6 +7,8 @@
 #      is installed, with pip --no-index;
 #   2. the test suite (CUDA tests included; they skip without CUDA);
 #   3. benchmarks/bench_models.py --device cuda, in fp32 and with --amp;
+#      benchmarks/bench_train.py --device cuda: the fast training path in fp32, fp16 and bf16
+#      (+ channels-last) against Detectron2's AMPTrainer, R50-FPN 800x1333 and the demo model;
 #   4. a short demo training on the GPU (DEMO_ITERS iterations, then box/mask AP);
 #   5. one summary (also written to $OUT/summary.txt when OUT is set, with the logs/results).
 #
@@ -46,6 +48,7 @@ if [ "$MODE" = cpu ]; then
   PYTEST_ARGS="${PYTEST_ARGS:-}"
   DEMO_DATA=(DATASETS.SHAPES.NUM_TRAIN 16 DATASETS.SHAPES.NUM_VAL 8 DATASETS.SHAPES.ROOT "$WORK/datasets/gpu_check_shapes")
   BENCH_ARGS=(--size 128 128 --repeats 3 --warmup 1 --no-memory)
+  TRAIN_BENCH_ARGS=(--models demo --batch 1 --variants bf16+cl --repeats 1 --warmup 1 --no-memory)
 else
   WORK="$REPO"
   DEVICE=cuda
@@ -53,6 +56,7 @@ else
   PYTEST_ARGS="${PYTEST_ARGS:--n 8}"
   DEMO_DATA=()
   BENCH_ARGS=()
+  TRAIN_BENCH_ARGS=(--baseline d2-amp --variants fp32 fp16+cl bf16+cl --repeats 5 --warmup 2)
 fi
 cd "$WORK" || exit 2
 LOG="$WORK/output/gpu_check/gpu_check.log"
@@ -104,7 +108,7 @@ for amp in "" "--amp"; do
       > "output/gpu_check/$name.log" 2>&1; then
     record "bench ${amp:-fp32} ($(elapsed "$t") s): $($PY - "$name" <<'EOF'
 import json, sys
-rows = json.load(open(f"benchmarks/results/{sys.argv[1]}.json"))["rows"]
+rows = json.load(open(f"output/benchmarks/{sys.argv[1]}.json"))["rows"]
 print(", ".join(f"{r['name']} {r['result']['ratio']:.3f}" for r in rows if r["name"].endswith("time")))
 EOF
 )"
@@ -113,6 +117,22 @@ EOF
     tail -n 20 "output/gpu_check/$name.log"
   fi
 done
+# Training iterations: the fast training path (A) against Detectron2's trainer (B).
+name="train_${DEVICE}_gpu_check"
+t=$(date +%s)
+if timeout 240 $PY benchmarks/bench_train.py --device "$DEVICE" --name "$name" "${TRAIN_BENCH_ARGS[@]}" \
+    > "output/gpu_check/$name.log" 2>&1; then
+  record "bench_train ($(elapsed "$t") s): $($PY - "$name" <<'EOF'
+import json, sys
+rows = json.load(open(f"output/benchmarks/{sys.argv[1]}.json"))["rows"]
+print("; ".join(f"{r['name'].rsplit(',', 1)[0]} {1 / r['result']['ratio']:.2f}x faster"
+                for r in rows if r["unit"] == "s"))
+EOF
+)"
+else
+  record "bench_train: FAILED (output/gpu_check/$name.log)"
+  tail -n 20 "output/gpu_check/$name.log"
+fi
 
 # 4. Demo training on the device.
 t=$(date +%s)
@@ -140,7 +160,8 @@ printf '%s\n' "${SUMMARY[@]}"
 if [ -n "${OUT:-}" ]; then
   printf '%s\n' "${SUMMARY[@]}" > "$OUT/summary.txt"
   cp "$LOG" output/gpu_check/pytest.log output/gpu_check/pytest_cuda.log "$OUT/" 2>/dev/null
-  cp benchmarks/results/models_"${DEVICE}"*_gpu_check.md "$OUT/" 2>/dev/null
+  cp output/benchmarks/models_"${DEVICE}"*_gpu_check.md output/benchmarks/train_"${DEVICE}"_gpu_check.md \
+    "$OUT/" 2>/dev/null
   cp "$demo_out/demo_summary.json" "$OUT/" 2>/dev/null
 fi
 [ "$MODE" = cpu ] && note "work tree kept for inspection: $WORK (delete it when done)"

@@ -30,6 +30,7 @@ __all__ = [
     "register_shapes_from_config",
     "register_shapes_if_named",
     "generate_shapes_image",
+    "shapes_training_input",
 ]
 
 logger = logging.getLogger(__name__)
@@ -381,3 +382,32 @@ def register_shapes_if_named(cfg, dataset_names: Sequence[str]) -> bool:
         return False
     register_shapes_from_config(cfg)
     return True
+
+
+def shapes_training_input(size: int, seed: int) -> Dict:
+    """
+    One model input for training, drawn in memory by :func:`generate_shapes_image` (no files):
+    what Detectron2's ``DatasetMapper`` would make of a shapes record at its own size, for
+    tests and benchmarks that need realistic batches without a dataset on disk.
+
+    Returns:
+        dict: ``image`` (3, size, size) float32 BGR 0-255, ``height``, ``width``, and
+        ``instances`` (``Instances`` with ``gt_boxes``, ``gt_classes``, ``gt_masks`` as
+        ``BitMasks``).
+    """
+    import torch
+    from detectron2.structures import BitMasks, Boxes, Instances
+
+    image, objects = generate_shapes_image(size, np.random.default_rng(seed))
+    masks = np.stack([o["mask"] for o in objects])
+    boxes = []
+    for m in masks:
+        yy, xx = np.nonzero(m)
+        boxes.append([xx.min(), yy.min(), xx.max() + 1, yy.max() + 1])
+    instances = Instances((size, size))
+    instances.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
+    instances.gt_classes = torch.tensor([o["category"] for o in objects], dtype=torch.int64)
+    instances.gt_masks = BitMasks(torch.from_numpy(masks))
+    bgr = np.ascontiguousarray(image[:, :, ::-1].transpose(2, 0, 1))
+    return {"image": torch.from_numpy(bgr).float(), "height": size, "width": size,
+            "instances": instances}

@@ -2,6 +2,8 @@
 
 # Accepted values of SOLVER.OPTIMIZER.
 OPTIMIZERS = ("SGD", "ADAMW")
+# Accepted values of SOLVER.AMP.PRECISION ("auto": "fp16" on CUDA, "bf16" on CPU).
+AMP_PRECISIONS = ("auto", "bf16", "fp16")
 
 
 def add_engine_config(cfg):
@@ -19,6 +21,18 @@ def add_engine_config(cfg):
       last 5 iterations exceeds this many times the loss at the start (the lowest of the first
       5 iterations): a diverging learning rate. A non-finite loss already stops Detectron2's
       trainer; it is reported the same way.
+    - ``SOLVER.AMP.PRECISION`` (default ``"auto"``), read when Detectron2's
+      ``SOLVER.AMP.ENABLED`` is ``True``: the autocast type of the convolutional components
+      (backbone + neck, RPN head, box head, mask-head convs) in training. ``"bf16"`` (CPU with
+      AVX512-BF16/AMX, or CUDA; no loss scaling), ``"fp16"`` (CUDA only, with a gradient
+      scaler as Detectron2's ``AMPTrainer``), ``"auto"``: ``"fp16"`` on CUDA (what Detectron2's
+      ``AMPTrainer`` does), ``"bf16"`` on CPU. Losses, anchor matching, box decoding and
+      ROIAlign sampling stay fp32; parameters and checkpoints stay fp32.
+    - ``SOLVER.CHANNELS_LAST`` (default ``False``): train the convolutional components in
+      channels-last (NHWC) memory format, with or without AMP (fp32 math either way; oneDNN
+      runs NHWC convolutions faster on CPU). Checkpoints load into either layout.
     """
     cfg.SOLVER.OPTIMIZER = "SGD"
     cfg.SOLVER.DIVERGENCE_FACTOR = 100.0
+    cfg.SOLVER.AMP.PRECISION = "auto"
+    cfg.SOLVER.CHANNELS_LAST = False

@@ -19,9 +19,13 @@ Differences from ``DefaultTrainer``:
   ``SOLVER.BASE_LR`` when the loss explodes (a non-finite loss, which already stops
   Detectron2, is reported the same way).
 - ``build_evaluator`` returns COCO evaluation that works without Detectron2's compiled ops.
-- ``SOLVER.AMP.ENABLED`` is checked at build time: Detectron2's ``AMPTrainer`` (fp16 autocast
-  and GradScaler) needs CUDA, so on another device the trainer refuses with a ``ValueError``
-  instead of failing at the first iteration.
+- ``SOLVER.AMP.ENABLED`` trains with the plugin's fast training path
+  (``fpn_plugin.engine.precision``) instead of Detectron2's ``AMPTrainer``: per-component
+  autocast in ``SOLVER.AMP.PRECISION`` (bf16 on CPU or CUDA, fp16 with a gradient scaler on
+  CUDA; losses, anchor matching, box decoding and ROIAlign stay fp32), and
+  ``SOLVER.CHANNELS_LAST`` trains the convolutional components in NHWC, with or without AMP.
+  Checked at build time (a precision the device cannot run is refused naming the key).
+  Evaluation during training runs fp32; checkpoints are fp32 either way.
 - A training-curve picture (``training_curve.png``: losses and AP over iterations) is written
   to ``OUTPUT_DIR`` after training; temporary files a killed run left there are removed first.
 - With several processes on CPU (gloo), the model is wrapped in DDP without ``device_ids``
@@ -32,6 +36,7 @@ Everything else (checkpointing every ``SOLVER.CHECKPOINT_PERIOD``, metrics.json 
 writers, ``TEST.EVAL_PERIOD`` evaluation, multi-GPU through ``detectron2.engine.launch``) is
 Detectron2's own.
 """
+import contextlib
 import functools
 import logging
 import math
@@ -42,6 +47,7 @@ from typing import List, Optional
 import torch
 from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, HookBase
+from detectron2.engine import defaults as _d2_defaults
 from detectron2.solver import build_optimizer
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
@@ -56,9 +62,10 @@ from ..data.build import (
 )
 from ..data.images import CheckedMapper, check_max_image_pixels
 from ..utils.files import remove_stale_temp_files, safe_file_stem
-from .config import OPTIMIZERS
+from .config import AMP_PRECISIONS, OPTIMIZERS
 from .ddp import cpu_capable_ddp
 from .plotting import plot_training_curve
+from .precision import check_training_precision, enable_fast_training, make_train_loop
 
 __all__ = ["Trainer", "TrainingDivergedError", "check_amp_config", "check_training_config",
            "build_evaluator_for", "build_optimizer_for"]
@@ -73,17 +80,27 @@ class TrainingDivergedError(FloatingPointError):
     """The training loss exploded (see ``SOLVER.DIVERGENCE_FACTOR``)."""
 
 
-def check_amp_config(cfg) -> None:
-    """Raise a ``ValueError`` if ``SOLVER.AMP.ENABLED`` is set where it cannot work."""
-    if not cfg.SOLVER.AMP.ENABLED:
-        return
+def check_amp_config(cfg) -> str:
+    """
+    The training precision the config asks for: ``"fp32"`` unless ``SOLVER.AMP.ENABLED``, else
+    ``SOLVER.AMP.PRECISION`` for ``MODEL.DEVICE`` (``"auto"``: fp16 on CUDA, bf16 on CPU).
+    Raises a ``ValueError`` naming the key when a value is unknown or cannot work on the device
+    (fp16 off CUDA, bf16 on a CUDA device without it, a CUDA device that is absent).
+    """
+    amp = cfg.SOLVER.AMP
+    if not isinstance(amp.ENABLED, bool):
+        raise ValueError(f"SOLVER.AMP.ENABLED must be True or False, got {amp.ENABLED!r}")
     device = str(cfg.MODEL.DEVICE)
-    if not device.startswith("cuda") or not torch.cuda.is_available():
-        raise ValueError(
-            f"SOLVER.AMP.ENABLED=True needs a CUDA device, but MODEL.DEVICE={device!r}"
-            f"{'' if torch.cuda.is_available() else ' and CUDA is not available'}: Detectron2's "
-            "AMPTrainer runs fp16 autocast with a CUDA GradScaler. Set SOLVER.AMP.ENABLED False "
-            "to train in fp32 on this device.")
+    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+    if amp.PRECISION not in AMP_PRECISIONS:  # checked even when off: a typo fails now
+        raise ValueError(f"SOLVER.AMP.PRECISION must be one of {AMP_PRECISIONS}, got "
+                         f"{amp.PRECISION!r}")
+    if not amp.ENABLED:
+        return check_training_precision("fp32", device_type, cfg.SOLVER.CHANNELS_LAST)
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"SOLVER.AMP.ENABLED=True with MODEL.DEVICE={device!r}, but CUDA is not "
+                         "available")
+    return check_training_precision(amp.PRECISION, device_type, cfg.SOLVER.CHANNELS_LAST)
 
 
 def build_evaluator_for(cfg, dataset_name: str, output_folder: Optional[str] = None):
@@ -223,8 +240,8 @@ class _NoTracebackForDivergence(logging.Filter):
 
 class Trainer(DefaultTrainer):
     """
-    ``DefaultTrainer`` with safe checkpoints, validated datasets, COCO evaluation, an AMP check,
-    a divergence guard and a training-curve picture (see the module docstring). Build it like
+    ``DefaultTrainer`` with safe checkpoints, validated datasets, COCO evaluation, mixed
+    precision and channels-last training, a divergence guard and a training-curve picture (see the module docstring). Build it like
     ``DefaultTrainer``: ``Trainer(cfg)``, then ``resume_or_load(resume=...)`` and ``train()``.
     A config without the plugin's keys gets their defaults
     (``fpn_plugin.config.with_plugin_defaults``).
@@ -260,11 +277,19 @@ class Trainer(DefaultTrainer):
         # the records checked above rather than loading and checking DATASETS.TRAIN again.
         self.build_train_loader = functools.partial(
             type(self).build_train_loader, records=self.dataset_check.train_records)
+        # The fast training path is set up on the model DefaultTrainer builds, before its DDP
+        # wrapping (which fixes the gradient layout), and replaces AMPTrainer as the loop.
+        precision, channels_last = check_amp_config(cfg), cfg.SOLVER.CHANNELS_LAST
+        self.build_model = lambda c: enable_fast_training(type(self).build_model(c), precision,
+                                                          channels_last)
         try:
-            with cpu_capable_ddp():  # Detectron2's DDP wrapping refuses CPU models (device_ids)
+            # Detectron2's DDP wrapping refuses CPU models (device_ids).
+            with cpu_capable_ddp(), _plugin_amp_loop(precision):
                 super().__init__(cfg)
         finally:
             del self.build_train_loader
+            del self.build_model
+        self.precision = precision
 
     @property
     def invalid_records(self):
@@ -368,6 +393,22 @@ class Trainer(DefaultTrainer):
             # Last, so it runs after PeriodicWriter has flushed metrics.json in after_train.
             hooks.append(_TrainingCurve(self.cfg.OUTPUT_DIR))
         return hooks
+
+
+@contextlib.contextmanager
+def _plugin_amp_loop(precision: str):
+    """
+    Within the block, ``DefaultTrainer``'s constructor makes the plugin's loop
+    (``make_train_loop``: the gradient scaler for fp16, none for bf16) where it would make
+    Detectron2's ``AMPTrainer`` (whole-forward autocast, fp16 only; it looks the class up in
+    ``detectron2.engine.defaults`` at call time and has no hook for it).
+    """
+    original = _d2_defaults.AMPTrainer
+    _d2_defaults.AMPTrainer = functools.partial(make_train_loop, precision=precision)
+    try:
+        yield
+    finally:
+        _d2_defaults.AMPTrainer = original
 
 
 def _with_plugin_defaults(cfg):

@@ -28,6 +28,7 @@ from fpn_plugin.config import load_config
 from fpn_plugin.data.images import ImageFileError
 from fpn_plugin.data.shapes import register_shapes_from_config
 from fpn_plugin.engine import Trainer
+from fpn_plugin.engine.precision import cpu_has_native_bf16
 from fpn_plugin.engine.setup import default_setup
 from fpn_plugin.utils.cli import exit_on_errors, quiet_third_party_noise
 from fpn_plugin.utils.files import atomic_write_json
@@ -57,8 +58,24 @@ def build_cfg(args):
     cfg = load_config(args.config_file, args.opts, freeze=False)
     if args.output_dir:
         cfg.OUTPUT_DIR = args.output_dir
+    _fp32_without_native_bf16(cfg, args.opts)
     cfg.freeze()
     return cfg
+
+
+def _fp32_without_native_bf16(cfg, opts) -> None:
+    """
+    The demo's config trains in bf16 on CPU, which pays off only where the CPU computes bf16
+    natively (AVX512-BF16 or AMX); elsewhere oneDNN emulates it, slower than fp32, so the demo
+    trains in fp32 there (with a warning) unless ``SOLVER.AMP.ENABLED`` was given on the
+    command line. Explicit configs elsewhere get what they ask for (the trainer only warns).
+    """
+    if (not cfg.SOLVER.AMP.ENABLED or not str(cfg.MODEL.DEVICE).startswith("cpu")
+            or "SOLVER.AMP.ENABLED" in opts[::2] or cpu_has_native_bf16()):
+        return
+    logger.warning("This CPU has no native bf16 (AVX512-BF16/AMX): the demo trains in fp32 "
+                   "(SOLVER.AMP.ENABLED False); pass SOLVER.AMP.ENABLED True to force bf16")
+    cfg.SOLVER.AMP.ENABLED = False
 
 
 class Stages:

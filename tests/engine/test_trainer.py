@@ -1,9 +1,11 @@
-"""fpn_plugin.engine.Trainer: record validation reaches the metrics, AMP is checked up front,
-and the training curve is drawn; plotting reads resumed metrics correctly."""
+"""fpn_plugin.engine.Trainer: record validation reaches the metrics, AMP trains bf16 on CPU
+with fp32 checkpoints that resume either way, bad AMP keys are refused up front, and the
+training curve is drawn; plotting reads resumed metrics correctly."""
 import json
 import os
 
 import pytest
+import torch
 from demo_testutils import DEMO_CONFIG, TINY_OPTS
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -83,12 +85,71 @@ def test_bad_test_set_images_are_caught_before_training(tmp_path, datasets):
     assert not os.path.exists(tmp_path / "last_checkpoint")
 
 
-def test_amp_on_cpu_is_refused_with_the_config_key(tmp_path, datasets):
-    cfg = tiny_cfg(tmp_path, [datasets["train"]])
-    check_amp_config(cfg)  # AMP off: fine anywhere
+def test_amp_on_cpu_trains_bf16_channels_last_with_fp32_interchangeable_checkpoints(
+        tmp_path, datasets):
+    """SOLVER.AMP.ENABLED on CPU: bf16 ("auto") with the plugin's loop, not Detectron2's fp16
+    AMPTrainer. Its checkpoints are fp32 and load strictly into a plain fp32 model; an fp32
+    run resumes as bf16 + NHWC and a bf16 run resumes as fp32."""
+    from detectron2.engine import SimpleTrainer
+    from detectron2.modeling import build_model
+
+    def run(out, amp, max_iter, resume=False):
+        cfg = tiny_cfg(out, [datasets["train"]], max_iter=max_iter)
+        cfg.SOLVER.AMP.ENABLED = amp
+        cfg.SOLVER.CHANNELS_LAST = amp
+        cfg.SOLVER.CHECKPOINT_PERIOD = 2
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=resume)
+        start = trainer.start_iter
+        trainer.train()
+        return cfg, trainer, start
+
+    out = tmp_path / "run"
+    run(out, False, 2)  # fp32, checkpoint at iteration 2
+    cfg, trainer, start = run(out, True, 4, resume=True)  # fp32 -> bf16 + NHWC
+    assert start == 2 and trainer.precision == "bf16" and type(trainer._trainer) is SimpleTrainer
+    assert trainer.model._fpn_plugin_fast_training == ("bf16", True)
+    saved = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    assert all(v.dtype == torch.float32 for v in saved.values() if v.is_floating_point())
+    plain = build_model(cfg)
+    incompatible = plain.load_state_dict(saved, strict=True)
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys
+    trained = trainer.model.state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in plain.state_dict().items())
+
+    _, resumed, start = run(out, False, 5, resume=True)  # bf16 + NHWC -> fp32
+    assert start == 4 and resumed.precision == "fp32"
+    assert not hasattr(resumed.model, "_fpn_plugin_fast_training")
+    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    assert final["iteration"] == 4
+    assert all(torch.isfinite(v).all() for v in final["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("node,key,value,match", [
+    ("SOLVER.AMP", "PRECISION", "fp16", "SOLVER.AMP.PRECISION 'fp16' needs a CUDA device"),
+    ("SOLVER.AMP", "PRECISION", "fp8", "SOLVER.AMP.PRECISION must be one of .*'fp8'"),
+    ("SOLVER", "CHANNELS_LAST", "yes", "SOLVER.CHANNELS_LAST must be True or False"),
+    ("MODEL", "DEVICE", "cuda", "CUDA is not available"),
+])
+def test_amp_settings_that_cannot_work_are_refused_naming_the_key(tmp_path, node, key, value,
+                                                                   match):
+    if value == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    cfg = tiny_cfg(tmp_path, [])
     cfg.SOLVER.AMP.ENABLED = True
-    with pytest.raises(ValueError, match=r"SOLVER.AMP.ENABLED=True needs a CUDA device.*'cpu'"):
-        Trainer(cfg)
+    target = cfg
+    for part in node.split("."):
+        target = target[part]
+    target[key] = value
+    with pytest.raises(ValueError, match=match):
+        check_amp_config(cfg)
+    # AMP off: fp16 (a real choice for CUDA) is simply unused; a misspelt value still fails.
+    cfg.SOLVER.AMP.ENABLED = False
+    if value in ("fp16", "cuda"):
+        assert check_amp_config(cfg) == "fp32"
+    else:
+        with pytest.raises(ValueError, match=match):
+            check_amp_config(cfg)
 
 
 def test_read_metrics_keeps_the_resumed_history(tmp_path):

@@ -99,11 +99,12 @@ def test_sigkill_then_resume_continues_to_max_iter(tmp_path):
     assert "copypaste: Task: segm" in evaluated.stdout + evaluated.stderr
 
 
-def test_amp_on_cpu_fails_at_start_with_the_key(tmp_path):
-    result = subprocess.run(_train_cmd(tmp_path) + ["SOLVER.AMP.ENABLED", "True"], cwd=ROOT,
+def test_fp16_amp_on_cpu_fails_at_start_with_the_key(tmp_path):
+    result = subprocess.run(_train_cmd(tmp_path) + ["SOLVER.AMP.ENABLED", "True",
+                                                    "SOLVER.AMP.PRECISION", "fp16"], cwd=ROOT,
                             env=_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
-    assert "error: SOLVER.AMP.ENABLED=True needs a CUDA device" in result.stderr
+    assert "error: SOLVER.AMP.PRECISION 'fp16' needs a CUDA device" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -225,3 +226,21 @@ def test_benchmark_refuses_code_running_weights(tmp_path, shapes_root, capsys, r
     err = _expect_exit_2(lambda: bench.main(argv), capsys)
     assert weights in err
     assert not marker.exists()
+
+
+def test_demo_trains_fp32_on_a_cpu_without_native_bf16(monkeypatch):
+    """bf16 would be emulated (slower than fp32) on such a CPU: the demo falls back to fp32
+    there, unless SOLVER.AMP.ENABLED was given on the command line."""
+    from fpn_plugin.config import load_config
+
+    demo = _load_script(DEMO, "demo_under_test")
+
+    def amp_after_check(opts, native):
+        monkeypatch.setattr(demo, "cpu_has_native_bf16", lambda: native)
+        cfg = load_config(DEMO_CONFIG, ["SOLVER.AMP.ENABLED", "True"], freeze=False)
+        demo._fp32_without_native_bf16(cfg, opts)
+        return cfg.SOLVER.AMP.ENABLED
+
+    assert not amp_after_check(["SOLVER.MAX_ITER", "10"], native=False)
+    assert amp_after_check(["SOLVER.AMP.ENABLED", "True"], native=False)
+    assert amp_after_check([], native=True)

@@ -1,0 +1,304 @@
+#!/usr/bin/env python
+"""
+The CPU demo trained in fp32 and with the fast training path, end to end: held-out AP and time.
+
+Each `run` trains the whole demo (`projects/fpn_mask_rcnn/demo.py --fresh`: train, evaluate,
+export) in a fresh process with one seed and one variant, and records its box/mask AP, its
+end-to-end time and its median training time per iteration:
+
+  fp32  SOLVER.AMP.ENABLED False SOLVER.CHANNELS_LAST False   (Detectron2's fp32 training)
+  fast  SOLVER.AMP.ENABLED True SOLVER.AMP.PRECISION bf16 SOLVER.CHANNELS_LAST True
+
+Every other key is the demo config's, evaluation included (MODEL.FAST_INFERENCE as configured,
+so both variants evaluate alike). A run takes 10-20 minutes on 2 cores: run one per command
+(under `cpulock` on a shared machine); each writes output/bench_demo_precision/<variant>_seed<S>.json.
+`report` then compares the variants over the seeds found (means, per-seed values, the
+AP difference paired by seed and the end-to-end time ratio), and with --write-results writes
+benchmarks/results/bench_demo_precision.{json,md} and README's block.
+
+  .venv/bin/python benchmarks/bench_demo_precision.py run --variant fp32 --seed 0
+  .venv/bin/python benchmarks/bench_demo_precision.py run --variant fast --seed 0
+  .venv/bin/python benchmarks/bench_demo_precision.py report [--write-results]
+"""
+import argparse
+import glob
+import json
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+ROOT = harness.ROOT
+DEMO = os.path.join(ROOT, "projects", "fpn_mask_rcnn", "demo.py")
+RUNS_DIR = os.path.join(harness.OUTPUT_DIR, "bench_demo_precision")
+NAME = "bench_demo_precision"
+VARIANTS = {
+    "fp32": ["SOLVER.AMP.ENABLED", "False", "SOLVER.CHANNELS_LAST", "False"],
+    "fast": ["SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.PRECISION", "bf16",
+             "SOLVER.CHANNELS_LAST", "True"],
+}
+# The issue's acceptance criteria for making the fast path the demo's default.
+MAX_MASK_AP_DROP = 1.0
+MIN_END_TO_END_SPEEDUP = 1.4
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train the demo once (one variant, one seed)")
+    run.add_argument("--variant", choices=sorted(VARIANTS), required=True)
+    run.add_argument("--seed", type=int, required=True)
+    run.add_argument("opts", nargs=argparse.REMAINDER,
+                     help="extra demo overrides (KEY VALUE ...), recorded with the run")
+    report = sub.add_parser("report", help="compare the recorded runs")
+    harness.add_output_arguments(report)
+    return p.parse_args(argv)
+
+
+def run_path(variant: str, seed: int) -> str:
+    return os.path.join(RUNS_DIR, f"{variant}_seed{seed}.json")
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
+                              capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _median_iteration_time(metrics_json: str, skip: int = 20) -> float:
+    """Median of Detectron2's per-iteration 'time' records after the first ``skip``
+    iterations (warm-up and the first allocations)."""
+    times = []
+    with open(metrics_json) as f:
+        for line in f:
+            record = json.loads(line)
+            if "time" in record and record.get("iteration", 0) >= skip:
+                times.append(record["time"])
+    return statistics.median(times) if times else float("nan")
+
+
+def _overall_training_speed(log_txt: str):
+    """(iterations, mean seconds per iteration) from Detectron2's "Overall training speed" log
+    line. The mean is well above the median (:func:`_median_iteration_time`) when other jobs
+    took the cores for a while: then the run's end-to-end time overstates the variant's cost
+    by about iterations * (mean - median)."""
+    pattern = re.compile(r"Overall training speed: (\d+) iterations in \S+ \(([0-9.]+) s / it\)")
+    try:
+        with open(log_txt) as f:
+            found = pattern.findall(f.read())
+    except OSError:
+        found = []
+    return (int(found[-1][0]), float(found[-1][1])) if found else (0, float("nan"))
+
+
+def ensure_dataset(opts) -> None:
+    """Generate the shapes dataset before the timed run, so no run pays for it."""
+    from fpn_plugin.config import load_config
+    from fpn_plugin.data.shapes import register_shapes_from_config
+
+    cfg = load_config(os.path.join(ROOT, "configs", "Demo",
+                                   "mask_rcnn_R_18_custom_fpn_shapes.yaml"), opts)
+    register_shapes_from_config(cfg)  # generates it if missing
+
+
+def run(args) -> dict:
+    overrides = VARIANTS[args.variant] + ["SEED", str(args.seed)] + list(args.opts)
+    out = os.path.join(RUNS_DIR, f"{args.variant}_seed{args.seed}")
+    os.makedirs(RUNS_DIR, exist_ok=True)
+    ensure_dataset(list(args.opts))
+    command = [sys.executable, DEMO, "--fresh", "--output-dir", out] + overrides
+    print(f"[bench] {args.variant}, seed {args.seed}: {' '.join(command)}", flush=True)
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, check=True)  # the demo prints its own progress and ETA
+    wall = time.perf_counter() - start
+    # CPU seconds of the demo process (and its data-loader worker): unlike wall time, barely
+    # affected when other jobs share the cores.
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with open(os.path.join(out, "demo_summary.json")) as f:
+        summary = json.load(f)
+    record = {
+        "variant": args.variant,
+        "seed": args.seed,
+        "overrides": overrides,
+        "commit": _git_commit(),
+        "environment": harness.environment(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "box_AP": summary["box_AP"],
+        "mask_AP": summary["mask_AP"],
+        "end_to_end_seconds": summary["total_seconds"],
+        "stage_seconds": summary["seconds"],
+        "process_wall_seconds": round(wall, 1),
+        "process_cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
+        "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "train_seconds_per_iter": _median_iteration_time(
+            os.path.join(out, "metrics.json")),
+    }
+    _add_training_speed(record, out)
+    with open(run_path(args.variant, args.seed), "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"[bench] {args.variant} seed {args.seed}: mask AP {record['mask_AP']:.2f}, box AP "
+          f"{record['box_AP']:.2f}, {record['end_to_end_seconds']:.0f} s end to end, "
+          f"{record['train_seconds_per_iter']:.3f} s/iter -> {run_path(args.variant, args.seed)}",
+          flush=True)
+    return record
+
+
+def _add_training_speed(record: dict, out_dir: str) -> None:
+    iterations, mean = _overall_training_speed(os.path.join(out_dir, "log.txt"))
+    record["train_iterations"] = iterations
+    record["train_seconds_per_iter_mean"] = mean
+
+
+def load_runs():
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(RUNS_DIR, "*_seed*.json"))):
+        with open(path) as f:
+            record = json.load(f)
+        if "train_seconds_per_iter_mean" not in record:  # recorded before it was added
+            _add_training_speed(record, path[:-len(".json")])
+        runs.setdefault(record["variant"], {})[record["seed"]] = record
+    return runs
+
+
+def contention_seconds(record: dict) -> float:
+    """Estimated seconds the run lost to other jobs: iterations * (mean - median) of the
+    training iterations (0 when the log has no mean or the mean is not above the median)."""
+    mean, median = record.get("train_seconds_per_iter_mean"), record["train_seconds_per_iter"]
+    if not record.get("train_iterations") or mean is None or mean != mean:
+        return 0.0
+    return max(0.0, record["train_iterations"] * (mean - median))
+
+
+def compare(runs) -> dict:
+    """Means per variant, paired (same seed) mask-AP differences, and the speed-ups."""
+    fp32, fast = runs.get("fp32", {}), runs.get("fast", {})
+    seeds = sorted(set(fp32) & set(fast))
+    if not seeds:
+        raise SystemExit("report: no seed has both an fp32 and a fast run in "
+                         f"{RUNS_DIR}; run `bench_demo_precision.py run` first")
+
+    def mean(variant, key):
+        return statistics.mean(variant[s][key] for s in seeds)
+
+    diffs = [fast[s]["mask_AP"] - fp32[s]["mask_AP"] for s in seeds]
+    result = {
+        "seeds": seeds,
+        "mask_AP": {"fp32": mean(fp32, "mask_AP"), "fast": mean(fast, "mask_AP")},
+        "box_AP": {"fp32": mean(fp32, "box_AP"), "fast": mean(fast, "box_AP")},
+        "mask_AP_difference_per_seed": diffs,
+        "mask_AP_difference_mean": statistics.mean(diffs),
+        "end_to_end_seconds": {"fp32": mean(fp32, "end_to_end_seconds"),
+                               "fast": mean(fast, "end_to_end_seconds")},
+        # The same with each run's estimated loss to other jobs taken out (contention_seconds).
+        "end_to_end_seconds_uncontended": {
+            v: statistics.mean(r[s]["end_to_end_seconds"] - contention_seconds(r[s])
+                               for s in seeds) for v, r in (("fp32", fp32), ("fast", fast))},
+        "train_seconds_per_iter": {"fp32": mean(fp32, "train_seconds_per_iter"),
+                                   "fast": mean(fast, "train_seconds_per_iter")},
+        "contended_runs": [f"{v} seed {s}: ~{contention_seconds(r[s]):.0f} s"
+                           for v, r in (("fp32", fp32), ("fast", fast)) for s in seeds
+                           if contention_seconds(r[s]) > 0.05 * r[s]["end_to_end_seconds"]],
+    }
+    for key in ("end_to_end_seconds", "end_to_end_seconds_uncontended"):
+        result[key.replace("seconds", "speedup")] = result[key]["fp32"] / result[key]["fast"]
+    result["train_iter_speedup"] = (result["train_seconds_per_iter"]["fp32"]
+                                    / result["train_seconds_per_iter"]["fast"])
+    # Every seed within the AP margin, and the time saved whether or not the contention
+    # estimate is taken out (the lower of the two ratios counts).
+    result["criteria"] = {
+        "mask_AP_within": MAX_MASK_AP_DROP,
+        "end_to_end_speedup_at_least": MIN_END_TO_END_SPEEDUP,
+        "met": bool(min(diffs) >= -MAX_MASK_AP_DROP
+                    and min(result["end_to_end_speedup"], result["end_to_end_speedup_uncontended"])
+                    >= MIN_END_TO_END_SPEEDUP),
+    }
+    return result
+
+
+def markdown(runs, result) -> str:
+    seeds = result["seeds"]
+    lines = [
+        "| variant | seed | mask AP | box AP | end to end | training s/iter (median / mean) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for variant in ("fp32", "fast"):
+        for s in seeds:
+            r = runs[variant][s]
+            lines.append(f"| {variant} | {s} | {r['mask_AP']:.2f} | {r['box_AP']:.2f} | "
+                         f"{r['end_to_end_seconds']:.0f} s | {r['train_seconds_per_iter']:.3f} / "
+                         f"{r.get('train_seconds_per_iter_mean', float('nan')):.3f} |")
+    diffs = ", ".join(f"{d:+.2f}" for d in result["mask_AP_difference_per_seed"])
+    uncontended = result["end_to_end_seconds_uncontended"]
+    contended = result["contended_runs"]
+    lines += [
+        "",
+        f"Means over seeds {seeds}: mask AP fp32 {result['mask_AP']['fp32']:.2f}, fast "
+        f"{result['mask_AP']['fast']:.2f} (fast - fp32 per seed: {diffs}; mean "
+        f"{result['mask_AP_difference_mean']:+.2f}); box AP fp32 {result['box_AP']['fp32']:.2f}, "
+        f"fast {result['box_AP']['fast']:.2f}. End to end fp32 "
+        f"{result['end_to_end_seconds']['fp32']:.0f} s, fast "
+        f"{result['end_to_end_seconds']['fast']:.0f} s: **{result['end_to_end_speedup']:.2f}x** "
+        f"shorter ({result['end_to_end_speedup_uncontended']:.2f}x with the time lost to other "
+        f"jobs taken out: {uncontended['fp32']:.0f} s vs {uncontended['fast']:.0f} s); training "
+        f"iterations {result['train_iter_speedup']:.2f}x faster (medians). Runs slowed by other "
+        f"jobs (mean iteration time well above the median): "
+        f"{'; '.join(contended) if contended else 'none'}.",
+        "",
+        f"Criteria (mask AP of every seed within {MAX_MASK_AP_DROP} of fp32's, end to end >= "
+        f"{MIN_END_TO_END_SPEEDUP}x shorter by both ratios): "
+        f"**{'met' if result['criteria']['met'] else 'NOT met'}**.",
+        "",
+        "`fast` = `SOLVER.AMP.ENABLED True SOLVER.AMP.PRECISION bf16 SOLVER.CHANNELS_LAST True`; "
+        "`fp32` = both off. End to end = the demo's `total_seconds` (train + 4 evaluations + "
+        "export; the dataset already generated); training s/iter: median of Detectron2's "
+        "per-iteration `time` after iteration 20 / Detectron2's overall mean; time lost to other "
+        "jobs = iterations x (mean - median).",
+    ]
+    return "\n".join(lines)
+
+
+def report(args) -> str:
+    runs = load_runs()
+    result = compare(runs)
+    table = markdown(runs, result)
+    folder = harness.RESULTS_DIR if args.write_results else harness.OUTPUT_DIR
+    os.makedirs(folder, exist_ok=True)
+    first = runs["fp32"][result["seeds"][0]]
+    header = (f"Command: `python benchmarks/bench_demo_precision.py run --variant V --seed S` "
+              f"for V in fp32, fast and S in {result['seeds']}, then `report`  \n"
+              "Machine: " + ", ".join(f"{k} {v}" for k, v in first["environment"].items())
+              + "  \n" + f"Commits: {sorted({r['commit'] for v in runs.values() for r in v.values()})}\n\n")
+    text = header + table + "\n"
+    payload = {"runs": {v: {str(s): r for s, r in by_seed.items()} for v, by_seed in runs.items()},
+               "comparison": result}
+    with open(os.path.join(folder, f"{NAME}.json"), "w") as f:
+        json.dump(payload, f, indent=1)
+    with open(os.path.join(folder, f"{NAME}.md"), "w") as f:
+        f.write(text)
+    if args.write_results:
+        harness.update_readme_block(harness.README, NAME, text)
+    print(text)
+    print(f"[bench] results written to {os.path.join(folder, NAME)}.{{md,json}}"
+          + (" and README.md" if args.write_results else ""), flush=True)
+    return text
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.command == "run":
+        run(args)
+    else:
+        report(args)
+
+
+if __name__ == "__main__":
+    main()
