@@ -1,49 +1,28 @@
 """
 TorchScript helpers shared by the component tests: Detectron2's ``torchscript_patch``
-(``patch_instances``, ``freeze_training_mode``) and ``scripting_with_instances``, on v0.6 too.
-
-v0.6's ``detectron2.export`` package imports caffe2 (gone from modern torch), so there the
-module ``export/torchscript_patch.py`` (which imports nothing from caffe2) is loaded from its
-file; on Detectron2 main the package imports and its own module is used.
+(``patch_instances``, ``freeze_training_mode``) and ``scripting_with_instances``, on v0.6 too,
+from the plugin's one loader (``fpn_plugin.deploy.d2_export``: ``detectron2.export`` on main,
+its caffe2-free modules loaded from their files on v0.6).
 """
 import contextlib
-import importlib.util
-import os
-import sys
 import warnings
 
-import detectron2
 import torch
+
+from fpn_plugin.deploy import d2_export
 
 
 def torchscript_patch():
     """Detectron2's ``detectron2.export.torchscript_patch`` module."""
-    try:
-        from detectron2.export import torchscript_patch as patch
-
-        return patch
-    except ImportError:
-        pass
-    name = "_fpn_plugin_d2_torchscript_patch"
-    if name in sys.modules:
-        return sys.modules[name]
-    path = os.path.join(os.path.dirname(detectron2.__file__), "export", "torchscript_patch.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    patch = importlib.util.module_from_spec(spec)
-    sys.modules[name] = patch  # patch_instances looks itself up there
-    spec.loader.exec_module(patch)
-    return patch
+    return d2_export.torchscript_patch()
 
 
 def scripting_with_instances(model, fields):
     """Detectron2's ``scripting_with_instances``: script ``model`` (training mode frozen) with
     ``Instances`` replaced by a scriptable class with ``fields`` (name -> type)."""
-    patch = torchscript_patch()
-    with contextlib.ExitStack() as stack, warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit's deprecation notice
-        stack.enter_context(patch.freeze_training_mode(model))
-        stack.enter_context(patch.patch_instances(fields))
-        return torch.jit.script(model)
+        return d2_export.scripting_with_instances(model, fields)
 
 
 @contextlib.contextmanager
@@ -53,11 +32,10 @@ def scripted_with_instances(model, fields):
     ``(scripted, to_scripted)``, where ``to_scripted(instances)`` converts Detectron2
     ``Instances`` to the scriptable class (valid inside the ``with`` block).
     """
-    patch = torchscript_patch()
     with contextlib.ExitStack() as stack, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        stack.enter_context(patch.freeze_training_mode(model))
-        new_instances = stack.enter_context(patch.patch_instances(fields))
+        stack.enter_context(d2_export.freeze_training_mode(model))
+        new_instances = stack.enter_context(d2_export.patch_instances(fields))
         scripted = torch.jit.script(model)
         yield scripted, new_instances.from_instances
 

@@ -1,32 +1,27 @@
 """
 The whole Mask R-CNN built from the plugin's components scripts with Detectron2's
-``scripting_with_instances`` (its own field list plus ``proposal_levels``) and gives the eager
-detections and masks: the defaults and a model with every component in a variant.
+``scripting_with_instances`` and gives the eager detections and masks: the defaults with
+Detectron2's own field list, and a model with every component in a variant that also records
+proposal levels, with ``fpn_plugin.deploy.plugin_fields`` (every config in configs/:
+tests/deploy/test_configs_deploy.py).
 """
 import pytest
 import torch
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes
 from jit_testutils import scripting_with_instances, torchscript_patch
 from model_testutils import tiny_mask_rcnn_cfg
 
-FIELDS = {
-    "proposal_boxes": Boxes,
-    "objectness_logits": torch.Tensor,
-    "proposal_levels": torch.Tensor,
-    "pred_boxes": Boxes,
-    "scores": torch.Tensor,
-    "pred_classes": torch.Tensor,
-    "pred_masks": torch.Tensor,
-}
+from fpn_plugin.deploy import MASK_RCNN_FIELDS, plugin_fields
+
 VARIANTS = {
     "defaults": {},
-    "pafpn-unshared-per_level-panet": {
+    "pafpn-unshared-per_level-panet-levels": {
         "MODEL.FPN.BOTTOM_UP_PATH": True,
         "MODEL.FPN.FUSE_TYPE": "weighted",
         "MODEL.RPN.SHARED_HEAD": False,
         "MODEL.RPN.POST_NMS_TOPK_MODE": "per_level",
         "MODEL.RPN.POST_NMS_TOPK_TEST": 10,
+        "MODEL.RPN.RECORD_PROPOSAL_LEVELS": True,
         "MODEL.ROI_MASK_HEAD.NAME": "PANetMaskHead",
         "MODEL.ROI_MASK_HEAD.POOLER_TYPE": "",
     },
@@ -42,7 +37,9 @@ def test_scripted_model_equals_eager(keys):
         cfg.merge_from_list([key, value])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
-    scripted = scripting_with_instances(model, FIELDS)
+    fields = plugin_fields(model)
+    assert (fields == MASK_RCNN_FIELDS) == (not keys)  # Detectron2's list for the defaults
+    scripted = scripting_with_instances(model, fields)
     image = torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(1)) * 255
     with torch.no_grad():
         want = model.inference([{"image": image}], do_postprocess=False)[0]

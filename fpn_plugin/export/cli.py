@@ -20,36 +20,11 @@ import os
 import sys
 from typing import List, Optional
 
-from ..utils.cli import EXIT_BAD_INPUT, quiet_third_party_noise
+from ..utils.cli import EXIT_BAD_INPUT, log_to_stderr, quiet_third_party_noise
 
 __all__ = ["build_parser", "main", "setup_cfg"]
 
 logger = logging.getLogger("fpn_plugin.export")
-
-
-class _CurrentStderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is when a record is emitted (not the one at set-up),
-    so repeated in-process runs with redirected streams never write to a closed one."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value):
-        pass
-
-
-def _log_to_stderr() -> None:
-    """INFO lines of fpn_plugin and Detectron2 on stderr (Detectron2's setup_logger uses stdout)."""
-    formatter = logging.Formatter("[%(asctime)s %(name)s]: %(message)s", datefmt="%m/%d %H:%M:%S")
-    for name in ("fpn_plugin", "detectron2"):
-        log = logging.getLogger(name)
-        log.setLevel(logging.INFO)
-        if not any(isinstance(h, _CurrentStderrHandler) for h in log.handlers):
-            handler = _CurrentStderrHandler()
-            handler.setFormatter(formatter)
-            log.addHandler(handler)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,7 +83,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run the export command; returns the exit status."""
     quiet_third_party_noise()
     args = build_parser().parse_args(argv)
-    _log_to_stderr()
+    log_to_stderr()
 
     from ..checkpoint import CheckpointError
     from ..data.shapes import register_shapes_if_named

@@ -54,6 +54,10 @@ def add_rpn_config(cfg):
     # (resp. _TEST) on every level.
     rpn.POST_NMS_TOPK_TRAIN_PER_LEVEL = []
     rpn.POST_NMS_TOPK_TEST_PER_LEVEL = []
+    # True: inference proposals also carry `proposal_levels` (int64, index into IN_FEATURES).
+    # False (default): Detectron2's fields only, so the model scripts with Detectron2's field
+    # list; to script with levels use fpn_plugin.deploy.plugin_fields() (see docs/deploy.md).
+    rpn.RECORD_PROPOSAL_LEVELS = False
 
 
 def per_level_ints(value, num_levels: int, key: str) -> List[int]:

@@ -4,7 +4,7 @@
 Anchor labelling, sampling and the losses are Detectron2's own (inherited), so training
 matches the built-in RPN exactly; what changes is the post-processing (one batched NMS keyed
 by image and level, per-level top-k lists, a per-level post-NMS top-k option), the level
-recorded on inference proposals, and per-level numbers in the EventStorage.
+recorded on inference proposals (on request), and per-level numbers in the EventStorage.
 """
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -37,9 +37,12 @@ class PerLevelRPN(RPN):
     proposals, objectness logits and losses equal Detectron2's ``RPN``; it has the same
     parameters and buffers, so Detectron2 checkpoints load into it unchanged.
 
-    Inference proposals carry ``proposal_levels`` (int64, index into ``in_features``). Training
-    proposals do not (ROI heads' ``add_ground_truth_to_proposals`` requires every proposal
-    field to exist on the ground truth). Training puts per level ``f`` in the EventStorage,
+    With ``record_proposal_levels=True`` inference proposals also carry ``proposal_levels``
+    (int64, index into ``in_features``); by default they have Detectron2's fields only, so the
+    model scripts with Detectron2's field list (``fpn_plugin.deploy.plugin_fields()`` adds this
+    one). Training proposals never carry it (ROI heads' ``add_ground_truth_to_proposals``
+    requires every proposal field to exist on the ground truth). Training puts per level ``f``
+    in the EventStorage,
     averaged over the images of the batch: ``rpn/num_pos_anchors_f`` and
     ``rpn/num_neg_anchors_f`` (sampled anchors), ``rpn/num_proposals_after_nms_f`` and
     ``rpn/num_proposals_f`` (after the post-NMS top-k).
@@ -48,6 +51,9 @@ class PerLevelRPN(RPN):
     pre_nms_topk: Dict[bool, List[int]]
     post_nms_topk: Dict[bool, Optional[int]]
     post_nms_topk_per_level: Optional[Dict[bool, List[int]]]
+    # A constant for TorchScript: when False, the field is never set in the compiled code, so
+    # Detectron2's field list (without proposal_levels) scripts the model.
+    record_proposal_levels: torch.jit.Final[bool]
 
     @configurable
     def __init__(
@@ -57,6 +63,7 @@ class PerLevelRPN(RPN):
         pre_nms_topk: Tuple[TopK, TopK],
         post_nms_topk: Tuple[Optional[int], Optional[int]],
         post_nms_topk_per_level: Optional[Tuple[TopK, TopK]] = None,
+        record_proposal_levels: bool = False,
         **kwargs,
     ):
         """
@@ -70,6 +77,7 @@ class PerLevelRPN(RPN):
             post_nms_topk_per_level (tuple or None): (train, test) NMS survivors kept per level
                 of each image, each an int used on every level or a list with one int per
                 level; the image gets their union. None: no per-level limit (Detectron2).
+            record_proposal_levels (bool): set ``proposal_levels`` on inference proposals.
 
         Raises:
             ValueError: on an invalid value, naming the config key that sets it.
@@ -80,6 +88,12 @@ class PerLevelRPN(RPN):
             post_nms_topk=post_nms_topk,
             **kwargs,
         )
+        if not isinstance(record_proposal_levels, bool):
+            raise ValueError(
+                "MODEL.RPN.RECORD_PROPOSAL_LEVELS must be True or False, got "
+                f"{record_proposal_levels!r}"
+            )
+        self.record_proposal_levels = record_proposal_levels
         if self.anchor_generator.box_dim != 4:
             raise ValueError(
                 "MODEL.ANCHOR_GENERATOR.NAME makes anchors with box_dim "
@@ -124,6 +138,7 @@ class PerLevelRPN(RPN):
             rpn[f"PRE_NMS_TOPK_{s}_PER_LEVEL"] or rpn[f"PRE_NMS_TOPK_{s}"] for s in _PHASES
         )
         ret.update(_post_nms_topk_args(rpn))
+        ret["record_proposal_levels"] = rpn.RECORD_PROPOSAL_LEVELS
         return ret
 
     @torch.jit.unused
@@ -170,7 +185,8 @@ class PerLevelRPN(RPN):
 
         Returns:
             list[Instances]: N Instances with ``proposal_boxes``, ``objectness_logits`` (in
-                decreasing order) and, in inference, ``proposal_levels``.
+                decreasing order) and, in inference with ``record_proposal_levels``,
+                ``proposal_levels``.
         """
         # Proposals are constants for the second stage (approximate joint training), as in
         # Detectron2.
@@ -196,8 +212,9 @@ class PerLevelRPN(RPN):
             res = Instances(image_size)
             res.proposal_boxes = Boxes(boxes_i)
             res.objectness_logits = scores_i
-            if not self.training:
-                res.proposal_levels = levels_i
+            if self.record_proposal_levels:  # a constant: TorchScript compiles this only if True
+                if not self.training:
+                    res.proposal_levels = levels_i
             results.append(res)
         if self.training:
             self._put_proposal_stats(levels, nms_counts)

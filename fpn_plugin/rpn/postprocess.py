@@ -18,6 +18,10 @@ The pipeline for a batch (see docs/rpn.md for the diagram):
 With ``pre_nms_topk`` the same on every level and per-image post-NMS top-k this selects
 exactly what Detectron2's ``find_top_rpn_proposals`` selects (it loops over images and runs
 one ``batched_nms`` per image); see :func:`find_top_proposals_per_level` for the tie caveat.
+
+Index tensors made here (image and level ids, per-level limits) are created on the CPU while
+tracing and moved to the input's device by :func:`_to_device_of`, so a traced model carries no
+device of its own and runs on whatever device its inputs are on (as Detectron2 main does).
 """
 from typing import List, Optional, Tuple
 
@@ -25,6 +29,23 @@ import torch
 from detectron2.layers import batched_nms
 
 __all__ = ["find_top_proposals_per_level", "rank_within_groups"]
+
+
+def _index_device(like: torch.Tensor) -> torch.device:
+    """Where to create index tensors: ``like``'s device, or the CPU while tracing (the tracer
+    would record ``like.device`` as a constant)."""
+    if torch.jit.is_scripting():
+        return like.device
+    if torch.jit.is_tracing():
+        return torch.device("cpu")
+    return like.device
+
+
+@torch.jit.script_if_tracing
+def _to_device_of(src: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``src`` on ``like``'s device; scripted while tracing, so the device stays an input of
+    the graph instead of a constant. A no-op when they already share it."""
+    return src.to(like.device)
 
 
 def rank_within_groups(groups: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -41,11 +62,16 @@ def rank_within_groups(groups: torch.Tensor, num_groups: int) -> torch.Tensor:
             So ``rank < k`` keeps the first k of every group (the top-k for score-sorted input).
     """
     num = groups.numel()
-    # A stable sort lines the groups up while keeping each group's elements in input order.
-    sorted_groups, order = torch.sort(groups, stable=True)
-    counts = torch.bincount(groups, minlength=num_groups)
+    device = _index_device(groups)
+    positions = _to_device_of(torch.arange(num, device=device), groups)
+    # Sorting by (group, position) lines the groups up and keeps each group's elements in input
+    # order: a stable sort by group, in ops ONNX exports (no `stable=True`, no bincount).
+    order = torch.argsort(groups * num + positions)
+    sorted_groups = groups[order]
+    zeros = _to_device_of(torch.zeros(num_groups, dtype=torch.int64, device=device), groups)
+    counts = zeros.scatter_add(0, groups, torch.ones_like(groups))
     starts = torch.cumsum(counts, dim=0) - counts
-    rank_sorted = torch.arange(num, device=groups.device) - starts[sorted_groups]
+    rank_sorted = positions - starts[sorted_groups]
     ranks = torch.empty_like(rank_sorted)
     ranks[order] = rank_sorted
     return ranks
@@ -97,8 +123,9 @@ def find_top_proposals_per_level(
     """
     num_images = len(image_sizes)
     num_levels = len(proposals)
-    device = proposals[0].device
-    batch_idx = torch.arange(num_images, device=device)
+    like = proposals[0]
+    device = _index_device(like)
+    batch_idx = _to_device_of(torch.arange(num_images, device=device), like)
 
     # 1. Top-k candidates of every level (a loop over levels, never over boxes).
     top_scores: List[torch.Tensor] = []
@@ -114,7 +141,9 @@ def find_top_proposals_per_level(
         scores_i, idx = logits_i.topk(k, dim=1)
         top_scores.append(scores_i)
         top_boxes.append(boxes_i[batch_idx[:, None], idx])
-        top_levels.append(torch.full((k,), level, dtype=torch.int64, device=device))
+        top_levels.append(
+            _to_device_of(torch.full((k,), level, dtype=torch.int64, device=device), like)
+        )
     scores = torch.cat(top_scores, dim=1)  # (N, K)
     boxes = torch.cat(top_boxes, dim=1)  # (N, K, 4)
     levels = torch.cat(top_levels, dim=0)  # (K,)
@@ -164,7 +193,9 @@ def find_top_proposals_per_level(
 
     # 4. Post-NMS top-k per (image, level); the per-image top-k is a prefix, taken below.
     if post_nms_topk_per_level is not None:
-        limits = torch.tensor(post_nms_topk_per_level, dtype=torch.int64, device=device)
+        limits = _to_device_of(
+            torch.tensor(post_nms_topk_per_level, dtype=torch.int64, device=device), like
+        )
         ranks = rank_within_groups(kept_groups, num_images * num_levels)
         kept = kept[ranks < limits[flat_levels[kept]]]
     kept_images = image_ids[kept]

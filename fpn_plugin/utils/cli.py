@@ -4,6 +4,7 @@ What the command-line entries share: a quiet terminal and one way to end on a cl
 - :func:`quiet_third_party_noise` keeps out of the terminal what torch and Detectron2 print on
   every CPU run that the user cannot act on (deprecation notices about Detectron2's own
   calls, "No CUDA runtime is found", the profiler's "gpuGetDeviceCount failed").
+- :func:`log_to_stderr`: INFO lines of fpn_plugin and Detectron2 on stderr.
 - :func:`exit_on_errors`: the listed exception types end the command with exit status 2 and
   one line ``error: <message>`` on stderr, without a traceback.
 """
@@ -14,7 +15,7 @@ import sys
 import warnings
 from typing import Iterator, Tuple, Type
 
-__all__ = ["EXIT_BAD_INPUT", "exit_on_errors", "quiet_third_party_noise"]
+__all__ = ["EXIT_BAD_INPUT", "exit_on_errors", "log_to_stderr", "quiet_third_party_noise"]
 
 EXIT_BAD_INPUT = 2
 
@@ -35,6 +36,31 @@ def quiet_third_party_noise() -> None:
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     # The profiler (benchmarks' memory measurement) logs CUDA probing errors on CPU machines.
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (not the one at set-up),
+    so repeated in-process runs with redirected streams never write to a closed one."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def log_to_stderr() -> None:
+    """INFO lines of fpn_plugin and Detectron2 on stderr (Detectron2's setup_logger uses stdout)."""
+    formatter = logging.Formatter("[%(asctime)s %(name)s]: %(message)s", datefmt="%m/%d %H:%M:%S")
+    for name in ("fpn_plugin", "detectron2"):
+        log = logging.getLogger(name)
+        log.setLevel(logging.INFO)
+        if not any(isinstance(h, _CurrentStderrHandler) for h in log.handlers):
+            handler = _CurrentStderrHandler()
+            handler.setFormatter(formatter)
+            log.addHandler(handler)
 
 
 def _one_line(error: BaseException) -> str:

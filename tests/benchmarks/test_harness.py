@@ -100,7 +100,7 @@ def test_tracked_results_and_readme_are_written_only_when_asked(harness, tmp_pat
 
 
 @pytest.mark.parametrize("script", ["bench_models.py", "bench_rpn.py", "bench_fast_path.py",
-                                    "bench_train.py"])
+                                    "bench_train.py", "bench_deploy.py"])
 def test_every_benchmark_script_has_the_write_results_flag(script):
     source = open(os.path.join(ROOT, "benchmarks", script)).read()
     assert "add_output_arguments(" in source and "write_results=args.write_results" in source

@@ -11,6 +11,7 @@ from detectron2.utils.events import EventStorage
 from jit_testutils import scripting_with_instances, trace
 
 from fpn_plugin import add_fpn_plugin_config
+from fpn_plugin.deploy import plugin_fields
 from fpn_plugin.rpn import PerLevelRPN
 
 
@@ -145,6 +146,15 @@ def test_fpn_parity_training_and_inference(
         props, losses = mine(images, features)
         ref_props, ref_losses = ref(images, features)
     assert losses == ref_losses == {}
+    # By default the proposals have Detectron2's fields only (the model scripts with its list).
+    _assert_same_proposals(props, ref_props, with_levels=False)
+    # MODEL.RPN.RECORD_PROPOSAL_LEVELS adds the level of each inference proposal.
+    levels_cfg = _use_plugin(cfg.clone())
+    levels_cfg.MODEL.RPN.RECORD_PROPOSAL_LEVELS = True
+    recording = build_proposal_generator(levels_cfg, shapes).eval()
+    recording.load_state_dict(mine.state_dict())
+    with torch.no_grad():
+        props = recording(images, features)[0]
     _assert_same_proposals(props, ref_props, with_levels=True)
     for p in props:
         assert p.proposal_levels.dtype == torch.int64
@@ -180,6 +190,7 @@ def test_unshared_heads_and_per_level_anchor_counts(fpn_cfg, fpn_shapes, fpn_fea
     cfg.MODEL.RPN.POST_NMS_TOPK_MODE = "per_level"
     cfg.MODEL.RPN.POST_NMS_TOPK_TEST_PER_LEVEL = [30, 20, 10, 5, 5]
     cfg.MODEL.RPN.PRE_NMS_TOPK_TEST_PER_LEVEL = [200, 100, 50, 50, 50]
+    cfg.MODEL.RPN.RECORD_PROPOSAL_LEVELS = True
     rpn = build_proposal_generator(cfg, fpn_shapes(8))
     assert rpn.anchor_generator.num_anchors == [3, 3, 3, 3, 5]
     assert len(rpn.rpn_head.level_convs) == 5
@@ -246,8 +257,10 @@ def test_per_level_topk_lists_reach_the_module(fpn_cfg, fpn_shapes):
     assert rpn.post_nms_topk == {True: None, False: None}  # no per-image limit on top
 
 
-# Each head layout and post-NMS top-k mode once.
+# Each head layout and post-NMS top-k mode once; the FPN ones record proposal levels.
 JIT_LAYOUTS = ["c4_default", "fpn_unshared_per_level", "fpn_grouped_per_image"]
+# Detectron2's field list for an RPN (upstream's test_rpn_scriptability).
+RPN_FIELDS = {"proposal_boxes": Boxes, "objectness_logits": torch.Tensor}
 
 
 def _jit_rpn(layout):
@@ -257,6 +270,7 @@ def _jit_rpn(layout):
     if layout == "c4_default":  # upstream's test_rpn_scriptability case
         shapes = {"res4": ShapeSpec(channels=64, stride=16)}
     else:
+        cfg.MODEL.RPN.RECORD_PROPOSAL_LEVELS = True
         shapes = {f"p{i}": ShapeSpec(channels=16, stride=2 ** i) for i in range(2, 7)}
         cfg.MODEL.RPN.IN_FEATURES = list(shapes)
         cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]
@@ -285,17 +299,23 @@ def test_scripted_rpn_equals_eager(layout):
     rpn, shapes = _jit_rpn(layout)
     images = ImageList(torch.rand(2, 3, 64, 64), [(64, 64), (50, 60)])
     features = _jit_features(shapes, (65, 65))
-    fields = {
-        "proposal_boxes": Boxes,
-        "objectness_logits": torch.Tensor,
-        "proposal_levels": torch.Tensor,
-    }
+    # The default scripts with Detectron2's own list; recording levels needs the extra field.
+    fields = plugin_fields(rpn) if rpn.record_proposal_levels else RPN_FIELDS
+    assert ("proposal_levels" in fields) == (layout != "c4_default")
     scripted = scripting_with_instances(rpn, fields)
     for p, q in zip(rpn(images, features)[0], scripted(images, features)[0]):
         assert len(p) > 0
         assert torch.equal(p.proposal_boxes.tensor, q.proposal_boxes.tensor)
         assert torch.equal(p.objectness_logits, q.objectness_logits)
-        assert torch.equal(p.proposal_levels, q.proposal_levels)
+        assert p.has("proposal_levels") == rpn.record_proposal_levels
+        if rpn.record_proposal_levels:
+            assert torch.equal(p.proposal_levels, q.proposal_levels)
+
+
+def test_recorded_levels_need_the_field_to_script():
+    rpn, _ = _jit_rpn("fpn_grouped_per_image")
+    with pytest.raises(Exception, match="proposal_levels"):
+        scripting_with_instances(rpn, RPN_FIELDS)
 
 
 class _ProposalTensors(torch.nn.Module):
@@ -310,11 +330,11 @@ class _ProposalTensors(torch.nn.Module):
     def forward(self, images, image_sizes, *features):
         sizes = [image_sizes[i] for i in range(image_sizes.shape[0])]
         proposals, _ = self.rpn(ImageList(images, sizes), dict(zip(self.names, features)))
-        return (
-            [p.proposal_boxes.tensor for p in proposals],
-            [p.objectness_logits for p in proposals],
-            [p.proposal_levels for p in proposals],
-        )
+        out = ([p.proposal_boxes.tensor for p in proposals],
+               [p.objectness_logits for p in proposals])
+        if self.rpn.record_proposal_levels:
+            out += ([p.proposal_levels for p in proposals],)
+        return out
 
 
 @pytest.mark.parametrize("layout", JIT_LAYOUTS)
@@ -338,5 +358,5 @@ def test_traced_rpn_equals_eager_at_other_sizes(layout):
             for boxes, ref in zip(eager[0], plain):
                 assert len(boxes) > 0
                 assert torch.equal(boxes, ref.proposal_boxes.tensor)
-            for got, want in zip(traced(*args), eager):  # boxes, logits, levels
+            for got, want in zip(traced(*args), eager):  # boxes, logits[, levels]
                 assert all(torch.equal(g, w) for g, w in zip(got, want))

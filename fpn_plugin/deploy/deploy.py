@@ -1,0 +1,335 @@
+"""
+``deploy_model``: write a Mask R-CNN as TorchScript (traced or scripted) or ONNX, load the
+written file back and check it against the eager model on sample images.
+
+Output layout under ``output_dir``::
+
+    model.ts | model.onnx   the deployed model (interface: fpn_plugin.deploy.models)
+    summary.json            what was written and how, and per sample image the eager vs
+                            deployed comparison (fpn_plugin.deploy.compare); "largest" holds
+                            the largest differences over all images, "passed" the verdict
+
+The files are written to temporary names and renamed when complete. The sample images are the
+ones given (a folder or a registered dataset, the first ``max_images``), plus a crop of the
+first one to 3/4 of its width: a size the model was not traced at, so a trace that baked in its
+input size fails the check.
+"""
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import detectron2
+import numpy as np
+import torch
+from detectron2.data import detection_utils as d2_utils
+from detectron2.data import transforms as T
+from detectron2.modeling import build_model
+
+from ..checkpoint import CheckpointError, SafeDetectionCheckpointer, split_checkpoint_query
+from ..config import with_plugin_defaults
+from ..data.build import load_dataset_records
+from ..data.images import check_max_image_pixels, read_image_checked
+from ..evaluation.coco import check_dataset_registered
+from ..inference import prepare_for_inference
+from ..utils.files import atomic_write_json, remove_quietly, remove_stale_temp_files, \
+    temp_path_beside
+from . import d2_export
+from .compare import DetectionDiff, Tolerances, compare_detections
+from .fields import plugin_fields
+from .models import (
+    METHODS,
+    OUTPUT_NAMES,
+    DeployError,
+    check_deployable,
+    eager_outputs,
+    outputs_to_instances,
+    script_model,
+    trace_model,
+)
+from .onnx_export import (
+    DEFAULT_OPSET,
+    OnnxRuntimeModel,
+    check_onnx_exportable,
+    check_onnx_options,
+    export_onnx,
+)
+
+__all__ = ["FORMATS", "MODEL_FILES", "SUMMARY_FILE", "SampleImage", "deploy_model",
+           "list_sample_images"]
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("torchscript", "onnx")
+MODEL_FILES = {"torchscript": "model.ts", "onnx": "model.onnx"}
+SUMMARY_FILE = "summary.json"
+CROP_FRACTION = 0.75
+
+
+@dataclass
+class SampleImage:
+    """One image the deployed model is checked on."""
+
+    name: str
+    file_name: Optional[str]  # None for the crop made here
+    original_size: Tuple[int, int]  # (height, width) the detections are pasted at
+    image: torch.Tensor  # float32 (3, H, W): the model input (resized as DefaultPredictor does)
+
+
+def _check_options(fmt: str, method: str, max_images: int, opset: int) -> None:
+    if fmt not in FORMATS:
+        raise DeployError(f"--format must be one of {list(FORMATS)}, got {fmt!r}")
+    if method not in METHODS:
+        raise DeployError(f"--method must be one of {list(METHODS)}, got {method!r}")
+    if fmt == "onnx" and method != "trace":
+        raise DeployError("--format onnx exports the traced model (Detectron2's ONNX path is "
+                          "tracing too): use --method trace, or --format torchscript to script")
+    if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
+        raise DeployError(f"--max-images must be an integer >= 1, got {max_images!r}")
+    if fmt == "onnx":
+        check_onnx_options(opset)  # packages and opset, before any work
+
+
+def _check_output_dir(output_dir: str) -> None:
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise DeployError(f"output folder (--output) {output_dir!r} exists and is not a folder")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as e:
+        raise DeployError(f"cannot create the output folder (--output) {output_dir!r}: {e}") from e
+    if not os.access(output_dir, os.W_OK | os.X_OK):
+        raise DeployError(f"output folder (--output) {output_dir!r} is not writable")
+
+
+def _check_weights(weights: Optional[str]) -> str:
+    if not weights:
+        raise DeployError("no weights: pass --weights (or set MODEL.WEIGHTS)")
+    local, _ = split_checkpoint_query(weights)
+    if "://" not in local and not os.path.isfile(local):
+        raise CheckpointError(f"checkpoint file not found (--weights): {weights!r}")
+    return weights
+
+
+def list_sample_images(cfg, *, dataset: Optional[str] = None, image_dir: Optional[str] = None,
+                       max_images: int = 3) -> List[Tuple[str, str]]:
+    """
+    ``(name, file)`` of the first ``max_images`` images of ``image_dir`` (sorted by name) or
+    of the registered ``dataset`` (default ``cfg.DATASETS.TEST[0]``).
+
+    Raises:
+        ValueError / FileNotFoundError: naming the folder or dataset.
+    """
+    from ..export.export import list_folder_images
+
+    if dataset is not None and image_dir is not None:
+        raise DeployError("pass at most one of --dataset and --images")
+    if image_dir is not None:
+        files = list_folder_images(image_dir)[:max_images]
+        return [(os.path.basename(f), f) for f in files]
+    where = "--dataset"
+    if dataset is None:
+        if not len(cfg.DATASETS.TEST):
+            raise DeployError("no sample images: pass --images DIR or --dataset NAME "
+                              "(DATASETS.TEST is empty)")
+        dataset, where = cfg.DATASETS.TEST[0], "DATASETS.TEST[0]"
+    from ..data.shapes import register_shapes_if_named
+
+    register_shapes_if_named(cfg, [dataset])
+    check_dataset_registered(dataset)
+    try:
+        records = load_dataset_records(dataset).records
+    except (OSError, AssertionError, ValueError) as e:  # e.g. COCO's files are not here
+        raise DeployError(f"cannot read the sample images of {where} {dataset!r}: {e}; pass "
+                          "--images DIR (or another --dataset)") from e
+    if not records:
+        raise DeployError(f"dataset {dataset!r} has no images")
+    return [(str(r.get("image_id", r["file_name"])), r["file_name"]) for r in records[:max_images]]
+
+
+def _load_samples(cfg, files: List[Tuple[str, str]]) -> List[SampleImage]:
+    """Read and resize each image as Detectron2's DefaultPredictor does; add the crop."""
+    augment = T.AugmentationList(d2_utils.build_augmentation(cfg, is_train=False))
+    max_pixels = check_max_image_pixels(cfg.INPUT.MAX_IMAGE_PIXELS)
+    samples = []
+    for name, path in files:
+        image = read_image_checked(path, cfg.INPUT.FORMAT, max_pixels)
+        aug = T.AugInput(image)
+        augment(aug)
+        tensor = torch.as_tensor(np.ascontiguousarray(aug.image.transpose(2, 0, 1))).float()
+        samples.append(SampleImage(name, path, tuple(image.shape[:2]), tensor))
+    first = samples[0].image
+    width = max(int(first.shape[2] * CROP_FRACTION), 1)
+    crop = first[:, :, :width].contiguous()
+    samples.append(SampleImage(f"{samples[0].name} (crop to {width} px wide: untraced size)",
+                               None, tuple(crop.shape[1:]), crop))
+    return samples
+
+
+def _save_torchscript(module, path: str) -> None:
+    tmp = temp_path_beside(path)
+    try:
+        torch.jit.save(module, tmp)
+        os.replace(tmp, path)
+    finally:
+        remove_quietly(tmp)
+
+
+def _largest(diffs: List[DetectionDiff]) -> Dict[str, Any]:
+    return {
+        "max_box_diff": max(d.max_box_diff for d in diffs),
+        "max_score_diff": max(d.max_score_diff for d in diffs),
+        "max_mask_diff": max(d.max_mask_diff for d in diffs),
+        "unpaired": sum(d.unpaired for d in diffs),
+        "pasted_mask_pixels_differing": sum(d.pasted_mask_pixels_differing for d in diffs),
+        "pasted_mask_pixels": sum(d.pasted_mask_pixels for d in diffs),
+        "bitwise_equal": all(d.bitwise_equal for d in diffs),
+    }
+
+
+def deploy_model(cfg, weights: Optional[str] = None, *, output_dir: str,
+                 fmt: str = "torchscript", method: str = "trace",
+                 dataset: Optional[str] = None, image_dir: Optional[str] = None,
+                 max_images: int = 3, opset: int = DEFAULT_OPSET,
+                 tolerances: Tolerances = Tolerances(), config_file: Optional[str] = None
+                 ) -> Dict[str, Any]:
+    """
+    Write the model in ``fmt`` and check the written file against the eager model.
+
+    Args:
+        cfg (CfgNode): the model's config. MODEL.DEVICE is where the model is traced and
+            checked (ONNX: always the CPU); MODEL.FAST_INFERENCE applies (trace only);
+            INPUT.MIN/MAX_SIZE_TEST the resize of the sample images.
+        weights (str): checkpoint; None uses MODEL.WEIGHTS. Loaded with
+            :class:`~fpn_plugin.checkpoint.SafeDetectionCheckpointer` (no code from the
+            file runs), strictly.
+        output_dir (str): created if missing; ``model.ts``/``model.onnx`` and
+            ``summary.json`` are replaced.
+        fmt (str): "torchscript" or "onnx".
+        method (str): "trace" (Detectron2's ``TracingAdapter``) or "script"
+            (``scripting_with_instances``, TorchScript only).
+        dataset, image_dir: where the sample images come from (at most one; neither:
+            ``cfg.DATASETS.TEST[0]``).
+        max_images (int): sample images taken (>= 1); a crop of the first is added.
+        opset (int): ONNX opset (>= 16).
+        tolerances: what the check allows (:class:`~fpn_plugin.deploy.compare.Tolerances`).
+        config_file (str): recorded in the summary.
+
+    Returns:
+        dict: the summary also written to ``summary.json``; ``passed`` is the verdict.
+
+    Raises:
+        DeployError (a ValueError), FileNotFoundError, CheckpointError: bad input or a model
+            that cannot be deployed this way; the message names the option, key or file.
+    """
+    start = time.perf_counter()
+    cfg = with_plugin_defaults(cfg)
+    _check_options(fmt, method, max_images, opset)
+    weights = _check_weights(weights or cfg.MODEL.WEIGHTS)
+    if fmt == "onnx":
+        if str(cfg.MODEL.DEVICE) != "cpu":
+            logger.info("--format onnx: tracing and checking on the CPU (ONNX Runtime's CPU "
+                        "provider), not on MODEL.DEVICE %r", cfg.MODEL.DEVICE)
+            cfg = cfg.clone()
+            cfg.defrost()
+            cfg.MODEL.DEVICE = "cpu"
+    device = str(cfg.MODEL.DEVICE)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeployError(f"MODEL.DEVICE is {device!r} but CUDA is not available; "
+                          "pass --device cpu")
+    _check_output_dir(output_dir)
+    remove_stale_temp_files(output_dir)
+    files = list_sample_images(cfg, dataset=dataset, image_dir=image_dir, max_images=max_images)
+    samples = _load_samples(cfg, files)
+
+    logger.info("building the model and loading %s", weights)
+    model = build_model(cfg)
+    model.eval()
+    SafeDetectionCheckpointer(model, strict=True).load(weights, checkpointables=[])
+    prepare_for_inference(model, cfg)
+    check_deployable(model, method)
+    if fmt == "onnx":
+        check_onnx_exportable(model, opset)
+
+    path = os.path.join(output_dir, MODEL_FILES[fmt])
+    first = samples[0].image.to(model.device)
+    fields = None
+    logger.info("%s the model on %s (input %s)", "tracing" if method == "trace" else "scripting",
+                samples[0].name, tuple(first.shape))
+    if method == "script":
+        fields = plugin_fields(model)
+        _save_torchscript(script_model(model, fields), path)
+    else:
+        traced = trace_model(model, first)
+        if fmt == "torchscript":
+            _save_torchscript(traced, path)
+        else:
+            logger.info("exporting to ONNX (opset %d)", opset)
+            export_onnx(traced, first, path, opset)
+    export_seconds = time.perf_counter() - start
+
+    logger.info("loading %s back and checking it against the eager model", path)
+    if fmt == "onnx":
+        deployed = OnnxRuntimeModel(path)
+    else:
+        deployed = torch.jit.load(path, map_location=model.device)
+    records, diffs = [], []
+    for k, sample in enumerate(samples):
+        image = sample.image.to(model.device)
+        want = eager_outputs(model, image)
+        with torch.no_grad():
+            got = outputs_to_instances(deployed(image))
+        diff = compare_detections(want, got, *sample.original_size)
+        diffs.append(diff)
+        records.append(dict(name=sample.name, file_name=sample.file_name,
+                            input_size=list(image.shape[1:]),
+                            original_size=list(sample.original_size),
+                            traced_on=method == "trace" and k == 0, **diff.to_dict()))
+        logger.info("image %d/%d %s: %d eager / %d deployed detections, largest box diff %.3g "
+                    "px, score %.3g, mask %.3g", k + 1, len(samples), sample.name,
+                    diff.eager_detections, diff.deployed_detections, diff.max_box_diff,
+                    diff.max_score_diff, diff.max_mask_diff)
+    largest = _largest(diffs)
+    passed = all(d.within(tolerances) for d in diffs)
+    fast = getattr(model, "_fpn_plugin_fast_inference", None)
+    summary = {
+        "model_file": path,
+        "format": fmt,
+        "method": method,
+        "config_file": config_file,
+        "weights": weights,
+        "device": str(model.device),
+        "opset": opset if fmt == "onnx" else None,
+        "fast_inference": {"precision": fast[0], "channels_last": fast[1]} if fast else None,
+        "scripted_fields": sorted(fields) if fields is not None else None,
+        "interface": {
+            "input": "image: float32 (3, H, W), INPUT.FORMAT channel order, resized as "
+                     "DefaultPredictor does (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST)",
+            "outputs": list(OUTPUT_NAMES),
+            "postprocess": "fpn_plugin.deploy.postprocess (Detectron2's detector_postprocess) "
+                           "scales boxes to the original image and pastes the masks",
+        },
+        "versions": {
+            "torch": torch.__version__,
+            "detectron2": detectron2.__version__,
+            "detectron2_export_helpers": d2_export.source(),
+            "onnxruntime": _version("onnxruntime") if fmt == "onnx" else None,
+            "python": platform.python_version(),
+        },
+        "tolerances": asdict(tolerances),
+        "images": records,
+        "largest": largest,
+        "passed": passed,
+        "seconds": {"export": round(export_seconds, 3),
+                    "total": round(time.perf_counter() - start, 3)},
+    }
+    atomic_write_json(os.path.join(output_dir, SUMMARY_FILE), summary)
+    return summary
+
+
+def _version(module: str) -> Optional[str]:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
