@@ -2,7 +2,6 @@
 import importlib.util
 import json
 import os
-import time
 
 import pytest
 import torch
@@ -42,23 +41,32 @@ def test_peak_memory_counts_live_tensors_not_freed_ones(harness):
     assert result["ratio"] == pytest.approx(8 / 12, rel=1e-3)
 
 
-def test_compare_times_both_sides_in_abba_order(harness):
+def test_compare_times_both_sides_in_abba_order(harness, monkeypatch):
+    """ABBA order, and each call timed on its own. A fake clock stands in for the wall clock
+    (no test asserts on real time): a call of A takes 4 ticks, of B 2 ticks, plus a drift
+    that grows with every call, which ABBA spreads over both sides."""
+    now = [0.0]
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: now[0])
     calls = []
 
     def a():
         calls.append("a")
-        time.sleep(0.004)
+        now[0] += 4.0 + 0.1 * len(calls)
 
     def b():
         calls.append("b")
-        time.sleep(0.002)
+        now[0] += 2.0 + 0.1 * len(calls)
 
     result = harness.compare(a, b, warmup=1, repeats=4)
     assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]
+    # Timed calls 3..10: A at 3, 6, 7, 10 (4.3, 4.6, 4.7, 5.0 ticks), B at 4, 5, 8, 9 (2.4,
+    # 2.5, 2.8, 2.9): each call's own span, nothing of its neighbours.
     assert result["a"].samples == result["b"].samples == 4
-    assert result["a"].median > result["b"].median
-    assert result["ratio"] == pytest.approx(result["a"].median / result["b"].median)
-    assert result["ratio"] > 1.2
+    assert result["a"].median == pytest.approx(4.65)
+    assert result["b"].median == pytest.approx(2.65)
+    assert result["a"].minimum == pytest.approx(4.3)
+    assert result["b"].minimum == pytest.approx(2.4)
+    assert result["ratio"] == pytest.approx(4.65 / 2.65)
 
 
 def test_save_writes_markdown_and_json_with_labels(harness, tmp_path, monkeypatch):
