@@ -74,6 +74,12 @@ def parse_variant(text):
     return precision, layout == "cl"
 
 
+def _shown_path(path):
+    """A path inside the checkout relative to it (the results file names no one's home)."""
+    relative = os.path.relpath(os.path.abspath(path), ROOT)
+    return path if relative.startswith("..") else relative
+
+
 def variant_name(precision, channels_last):
     return precision + (" + channels_last" if channels_last else "")
 
@@ -158,7 +164,7 @@ def run(args, argv=None):
            for label, task in (("box AP", "bbox"), ("mask AP", "segm"))])
     command = "python benchmarks/bench_fast_path.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(harness.save("bench_fast_path", rows, command.strip(),
-                       extra={"ap": {"fp32": ap_fp32, **ap}, "weights": args.weights,
+                       extra={"ap": {"fp32": ap_fp32, **ap}, "weights": _shown_path(args.weights),
                               "dataset": dataset, "variants": [n for n, _ in variants]},
                        labels=("variant", "fp32"), notes=ap_table,
                        write_results=args.write_results))

@@ -198,7 +198,7 @@ def render(payload: Dict[str, object]) -> str:
     The markdown of a results payload (what ``save`` writes as ``<name>.json``): the command,
     machine and date, the table of its rows and its notes. ``save`` writes exactly this as
     ``<name>.md`` and into the README/docs blocks, so the tracked tables can be checked
-    against the JSON (``tests/test_results.py``).
+    against the JSON (``tests/benchmarks/test_results.py``).
     """
     env = payload["environment"]
     header = (
