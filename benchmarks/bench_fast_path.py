@@ -2,16 +2,17 @@
 """
 Accuracy and speed of the fast inference path (MODEL.FAST_INFERENCE) on a trained model.
 
-One trained checkpoint, one held-out dataset, two passes over it:
-  fp32   the model as trained (MODEL.FAST_INFERENCE off)
-  fast   the same weights with enable_fast_inference(PRECISION, CHANNELS_LAST)
-Both passes are scored by Detectron2's COCOEvaluator (box and mask AP). Speed is the median
-per-image latency of the two, measured in ABBA order on a fixed subset of the images
+One trained checkpoint, one held-out dataset, one pass over it per variant:
+  fp32       the model as trained (MODEL.FAST_INFERENCE off): the reference (B)
+  VARIANT    the same weights with enable_fast_inference(PRECISION, CHANNELS_LAST), for each
+             of --variants ("bf16+cl" = bf16 with channels_last, "fp32+cl", "bf16", ...)
+Every pass is scored by Detectron2's COCOEvaluator (box and mask AP). Speed is the median
+latency of each variant against fp32 on a fixed subset of the images, measured in ABBA order
 (harness.compare), and peak tensor memory of one image.
 
 By default it uses the demo's checkpoint and held-out split, so run `make demo` first:
   .venv/bin/python benchmarks/bench_fast_path.py
-  .venv/bin/python benchmarks/bench_fast_path.py --precision bf16 --no-channels-last
+  .venv/bin/python benchmarks/bench_fast_path.py --variants bf16+cl
   .venv/bin/python benchmarks/bench_fast_path.py --config-file CFG --weights W --dataset NAME
 """
 import argparse
@@ -47,15 +48,40 @@ def parse_args(argv=None):
     p.add_argument("--config-file", default=DEMO_CONFIG)
     p.add_argument("--weights", default=DEMO_WEIGHTS, help="trained checkpoint (.pth or .pkl)")
     p.add_argument("--dataset", default=None, help="registered dataset (default: DATASETS.TEST[0])")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16"])
-    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--variants", nargs="+", default=["bf16+cl", "bf16", "fp32+cl"],
+                   type=parse_variant, metavar="PRECISION[+cl]",
+                   help="fast-path settings compared with fp32: bf16, fp16 (CUDA) or fp32, "
+                        "'+cl' for channels_last (default: bf16+cl bf16 fp32+cl)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--timing-images", type=int, default=8,
                    help="images timed per repeat (the first ones of the dataset)")
     p.add_argument("--repeats", type=int, default=7)
     harness.add_output_arguments(p)
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # argparse applies `type` to given values, not to a list default.
+    args.variants = [v if isinstance(v, tuple) else parse_variant(v) for v in args.variants]
+    return args
+
+
+def parse_variant(text):
+    """'bf16+cl' -> ('bf16', True); 'fp32' alone is the reference, not a variant."""
+    precision, _, layout = text.partition("+")
+    if precision not in ("bf16", "fp16", "fp32") or layout not in ("", "cl") or text == "fp32":
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected bf16, fp16 or fp32, optionally with '+cl' (fp32 alone is the "
+            "reference)")
+    return precision, layout == "cl"
+
+
+def _shown_path(path):
+    """A path inside the checkout relative to it (the results file names no one's home)."""
+    relative = os.path.relpath(os.path.abspath(path), ROOT)
+    return path if relative.startswith("..") else relative
+
+
+def variant_name(precision, channels_last):
+    return precision + (" + channels_last" if channels_last else "")
 
 
 def build_cfg(args):
@@ -95,16 +121,19 @@ def run(args, argv=None):
     register_shapes_if_named(cfg, [dataset])
     check_dataset_registered(dataset)  # before any model is built
 
-    # Two model objects with the same weights, so neither pass pays for switching layouts.
+    # One model object per variant, same weights, so no pass pays for switching layouts.
     model_fp32 = build_model(cfg).eval()
     SafeDetectionCheckpointer(model_fp32).load(args.weights)
-    model_fast = build_model(cfg).eval()
-    model_fast.load_state_dict(model_fp32.state_dict())
-    enable_fast_inference(model_fast, args.precision, channels_last=args.channels_last)
+    variants = []
+    for precision, channels_last in args.variants:
+        model = build_model(cfg).eval()
+        model.load_state_dict(model_fp32.state_dict())
+        enable_fast_inference(model, precision, channels_last=channels_last)
+        variants.append((variant_name(precision, channels_last), model))
 
     with torch.no_grad():
         ap_fp32, loader = evaluate(model_fp32, cfg, dataset)
-        ap_fast, _ = evaluate(model_fast, cfg, dataset)
+        ap = {name: evaluate(model, cfg, dataset)[0] for name, model in variants}
 
         batches = []
         for batch in loader:
@@ -115,27 +144,29 @@ def run(args, argv=None):
         def run(model):
             return lambda: [model(batch) for batch in batches]
 
-        timing = harness.compare(run(model_fast), run(model_fp32), warmup=1,
-                                 repeats=args.repeats, device=args.device)
-        memory = harness.compare_memory(lambda: model_fast(batches[0]),
-                                        lambda: model_fp32(batches[0]), device=args.device)
+        rows = []
+        for name, model in variants:
+            timing = harness.compare(run(model), run(model_fp32), warmup=1,
+                                     repeats=args.repeats, device=args.device)
+            memory = harness.compare_memory(lambda: model(batches[0]),
+                                            lambda: model_fp32(batches[0]), device=args.device)
+            rows += [{"name": f"{name}: {len(batches)} images, inference", "unit": "s",
+                      "result": timing},
+                     {"name": f"{name}: one image, peak tensor memory", "unit": "MiB",
+                      "result": memory}]
 
-    fast_name = args.precision + (" + channels_last" if args.channels_last else "")
-    rows = [{"name": f"{len(batches)} images, inference", "unit": "s", "result": timing},
-            {"name": "one image, peak tensor memory", "unit": "MiB", "result": memory}]
-    ap_table = "\n".join([
-        f"| {dataset} | fp32 | {fast_name} | difference |",
-        "|---|---|---|---|",
-        f"| box AP | {ap_fp32['bbox']:.2f} | {ap_fast['bbox']:.2f} | "
-        f"{ap_fast['bbox'] - ap_fp32['bbox']:+.2f} |",
-        f"| mask AP | {ap_fp32['segm']:.2f} | {ap_fast['segm']:.2f} | "
-        f"{ap_fast['segm'] - ap_fp32['segm']:+.2f} |",
-    ])
+    ap_table = "\n".join(
+        [f"| {dataset} | fp32 | " + " | ".join(name for name, _ in variants) + " |",
+         "|---|---|" + "---|" * len(variants)]
+        + [f"| {label} | {ap_fp32[task]:.2f} | "
+           + " | ".join(f"{ap[name][task]:.2f} ({ap[name][task] - ap_fp32[task]:+.2f})"
+                        for name, _ in variants) + " |"
+           for label, task in (("box AP", "bbox"), ("mask AP", "segm"))])
     command = "python benchmarks/bench_fast_path.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(harness.save("bench_fast_path", rows, command.strip(),
-                       extra={"ap": {"fp32": ap_fp32, "fast": ap_fast}, "weights": args.weights,
-                              "dataset": dataset, "fast_path": fast_name},
-                       labels=(fast_name, "fp32"), notes=ap_table,
+                       extra={"ap": {"fp32": ap_fp32, **ap}, "weights": _shown_path(args.weights),
+                              "dataset": dataset, "variants": [n for n, _ in variants]},
+                       labels=("variant", "fp32"), notes=ap_table,
                        write_results=args.write_results))
 
 

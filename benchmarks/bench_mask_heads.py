@@ -11,6 +11,10 @@ and writes it to JSON.
     .venv/bin/python benchmarks/bench_mask_heads.py --iters 2000 --num-train 400 --num-val 100
     .venv/bin/python benchmarks/bench_mask_heads.py --timing-only --heads parity panet
 
+With --write-results the tables also go to the tracked benchmarks/results/
+(bench_mask_heads.{json,md} for AP, bench_mask_heads_timing.{json,md} for --timing-only) and
+to the README/docs blocks that quote them.
+
 The backbone and RPN are fpn_plugin's (``build_resnet_custom_fpn_backbone``, ``PerLevelRPN``)
 when they are registered, Detectron2's built-ins otherwise (``--components`` forces one);
 the table records which.
@@ -38,6 +42,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))  # harness.py
 
 from fpn_plugin import add_fpn_plugin_config, has_compiled_ops  # noqa: E402
+from harness import add_output_arguments, compare, environment, save, write_payload  # noqa: E402
 
 logger = logging.getLogger("bench_mask_heads")
 
@@ -74,6 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--timing-only", action="store_true",
                    help="only time pooling + mask head forward/backward (no training)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    add_output_arguments(p)
     return p.parse_args(argv)
 
 
@@ -233,8 +239,6 @@ def time_heads(args, num_rois=64):
     from detectron2.modeling.roi_heads import build_roi_heads
     from detectron2.structures import Boxes, Instances
 
-    from harness import compare
-
     s, n = args.image_size, args.batch
     gen = torch.Generator().manual_seed(0)
     features = {
@@ -269,11 +273,59 @@ def time_heads(args, num_rois=64):
         if head == "parity":
             continue
         result = compare(mask_branch(head), baseline, warmup=3, repeats=15)
-        rows.append((head, result))
+        rows.append({"name": f"{head}: ROI pooling + mask head forward and backward, "
+                             f"{num_rois} ROIs", "unit": "s", "result": result})
         print(f"{head} vs parity, {num_rois} ROIs, pooling + head fwd+bwd: "
               f"{result['a'].median * 1e3:.1f} ms vs {result['b'].median * 1e3:.1f} ms "
               f"(x{result['ratio']:.2f}; IQR {result['a'].spread:.0%} / {result['b'].spread:.0%})")
+    print(save("bench_mask_heads_timing", rows, _command(), labels=("variant", "parity head"),
+               write_results=args.write_results))
     return rows
+
+
+def _command():
+    return "python " + " ".join([os.path.relpath(os.path.abspath(__file__), REPO)]
+                                + sys.argv[1:])
+
+
+def render(payload):
+    """The markdown of the AP comparison (bench_mask_heads.json)."""
+    env = payload["environment"]
+    runs = payload["runs"]
+    lines = [
+        f"Command: `{payload['command']}`  ",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in env.items()) + "  ",
+        f"Date: {payload['date']}",
+        "",
+        f"Backbone/RPN: {payload['components']}; shapes dataset at "
+        f"{payload['dataset']['image_size']} px, {payload['dataset']['train']} train / "
+        f"{payload['dataset']['val']} held-out images; batch {payload['batch']}, "
+        f"{runs[0]['iters'] if runs else 0} iterations.",
+        "",
+        "| head | seed | mask AP | mask AP50 | mask AP75 | box AP | mask AP - box AP | "
+        "mask-head params |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def ap(value):
+        return "n/a" if value is None else f"{value:.2f}"
+
+    for r in runs:
+        gap = (None if r["segm_AP"] is None or r["bbox_AP"] is None
+               else r["segm_AP"] - r["bbox_AP"])
+        lines.append(f"| {r['head']} (`{r['mask_head']}`) | {r['seed']} | {ap(r['segm_AP'])} | "
+                     f"{ap(r['segm_AP50'])} | {ap(r['segm_AP75'])} | {ap(r['bbox_AP'])} | "
+                     f"{ap(gap)} | {r['mask_head_params'] / 1e6:.2f} M |")
+    heads = list(dict.fromkeys(r["head"] for r in runs))
+    if len(runs) > len(heads):
+        for head in heads:
+            rs = [r for r in runs if r["head"] == head]
+            mean = {k: sum(r[k] or 0.0 for r in rs) / len(rs)  # no predictions: AP 0
+                    for k in ("segm_AP", "segm_AP50", "segm_AP75", "bbox_AP")}
+            lines.append(f"| **mean, {head}** | | **{mean['segm_AP']:.2f}** | "
+                         f"{mean['segm_AP50']:.2f} | {mean['segm_AP75']:.2f} | "
+                         f"{mean['bbox_AP']:.2f} | {mean['segm_AP'] - mean['bbox_AP']:.2f} | |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
@@ -315,7 +367,9 @@ def main(argv=None):
                         f"bbox AP {metrics['bbox']['AP']}, {seconds:.0f}s")
 
     summary = {
-        "command": "python " + " ".join([os.path.relpath(__file__, REPO)] + sys.argv[1:]),
+        "command": _command(),
+        "environment": environment(),
+        "date": time.strftime("%Y-%m-%d"),
         "components": "fpn_plugin" if use_plugin else "detectron2 built-in",
         "dataset": {"train": args.num_train, "val": args.num_val, "image_size": args.image_size},
         "batch": args.batch,
@@ -344,6 +398,7 @@ def main(argv=None):
             print(f"{head:<11} mask AP {sum(mask_ap) / len(rs):.2f}  "
                   f"box AP {sum(box_ap) / len(rs):.2f}")
     print(f"\nwritten: {path}")
+    write_payload("bench_mask_heads", summary, render(summary), args.write_results)
     return summary
 
 

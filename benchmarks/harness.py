@@ -9,6 +9,7 @@ range; ratios are A/B (below 1.0 means the plugin is faster or leaner).
 import json
 import os
 import platform
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -192,6 +193,31 @@ def format_rows(rows: List[Dict[str, object]],
     return "\n".join(lines)
 
 
+def render(payload: Dict[str, object]) -> str:
+    """
+    The markdown of a results payload (what ``save`` writes as ``<name>.json``): the command,
+    machine and date, the table of its rows and its notes. ``save`` writes exactly this as
+    ``<name>.md`` and into the README/docs blocks, so the tracked tables can be checked
+    against the JSON (``tests/benchmarks/test_results.py``).
+    """
+    env = payload["environment"]
+    header = (
+        f"Command: `{payload['command']}`  \n"
+        + "Machine: " + ", ".join(f"{k} {v}" for k, v in env.items()) + "  \n"
+        + f"Date: {payload['date']}\n\n"
+    )
+    rows = []
+    for row in payload["rows"]:
+        result = dict(row["result"])
+        if row["unit"] == "s":
+            result["a"], result["b"] = (
+                r if isinstance(r, Timing) else Timing(**r) for r in (result["a"], result["b"]))
+        rows.append({**row, "result": result})
+    notes = payload.get("notes", "")
+    return header + format_rows(rows, tuple(payload["labels"])) + "\n" + (
+        f"\n{notes}\n" if notes else "")
+
+
 def save(name: str, rows: List[Dict[str, object]], command: str,
          extra: Optional[Dict[str, object]] = None,
          labels: Tuple[str, str] = ("plugin", "Detectron2"), notes: str = "",
@@ -200,46 +226,61 @@ def save(name: str, rows: List[Dict[str, object]], command: str,
     Write rows as JSON and markdown to ``output/benchmarks/<name>.{json,md}``; return the md.
     ``labels`` name A and B in the table; ``notes`` (markdown) follows it. With
     ``write_results`` (the scripts' ``--write-results``) they go to the tracked
-    ``benchmarks/results/`` instead and the README's ``<!-- bench:<name> -->`` block (if it
-    has one) is replaced by the same markdown.
+    ``benchmarks/results/`` instead and every ``<!-- bench:<name> -->`` block of README.md and
+    docs/*.md is replaced by the same markdown.
     """
-    folder = RESULTS_DIR if write_results else OUTPUT_DIR
-    os.makedirs(folder, exist_ok=True)
-    env = environment()
-    header = (
-        f"Command: `{command}`  \n"
-        + "Machine: " + ", ".join(f"{k} {v}" for k, v in env.items()) + "  \n"
-        + f"Date: {time.strftime('%Y-%m-%d')}\n\n"
-    )
-    markdown = header + format_rows(rows, labels) + "\n" + (f"\n{notes}\n" if notes else "")
-
     def plain(obj):
         return asdict(obj) if isinstance(obj, Timing) else obj
 
     payload = {
         "command": command,
-        "environment": env,
+        "environment": environment(),
+        "date": time.strftime("%Y-%m-%d"),
         "labels": list(labels),
         "rows": [{**r, "result": {k: plain(v) for k, v in r["result"].items()}} for r in rows],
+        "notes": notes,
         **(extra or {}),
     }
+    return write_payload(name, payload, render(payload), write_results)
+
+
+def write_payload(name: str, payload: Dict[str, object], markdown: str,
+                  write_results: bool = False) -> str:
+    """
+    Write ``payload`` as ``<name>.json`` and ``markdown`` (its rendering) as ``<name>.md`` to
+    ``output/benchmarks/``, or with ``write_results`` to the tracked ``benchmarks/results/``
+    and the ``<!-- bench:<name> -->`` blocks of README.md and docs/*.md. Returns the markdown.
+    Scripts with their own table format call this with their own ``render(payload)``.
+    """
+    folder = RESULTS_DIR if write_results else OUTPUT_DIR
+    os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"{name}.json"), "w") as f:
         json.dump(payload, f, indent=2)
+        f.write("\n")
     with open(os.path.join(folder, f"{name}.md"), "w") as f:
         f.write(markdown)
+    updated = []
     if write_results:
-        update_readme_block(README, name, markdown)
+        updated = [os.path.relpath(doc, ROOT) for doc in markdown_files()
+                   if update_readme_block(doc, name, markdown)]
     print(f"[bench] results written to {os.path.join(folder, name)}.{{md,json}}"
-          + (" and README.md" if write_results else " (--write-results: into the tracked files)"),
-          flush=True)
+          + (f" and {', '.join(updated) or 'no README/docs block'}" if write_results
+             else " (--write-results: into the tracked files)"), flush=True)
     return markdown
+
+
+def markdown_files() -> List[str]:
+    """README.md and docs/*.md: where ``<!-- bench:NAME -->`` blocks may quote results."""
+    docs = os.path.join(os.path.dirname(README), "docs")
+    names = sorted(f for f in os.listdir(docs) if f.endswith(".md")) if os.path.isdir(docs) else []
+    return [README] + [os.path.join(docs, f) for f in names]
 
 
 def update_readme_block(readme: str, name: str, markdown: str) -> bool:
     """
-    Replace the text between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` in the README
-    with ``markdown`` (so the README's tables are the scripts' own output). Returns whether the
-    README has that block; without one nothing is written.
+    Replace the text between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` in a markdown
+    file (README.md or a docs page) with ``markdown`` (so its tables are the scripts' own
+    output). Returns whether the file has that block; without one nothing is written.
     """
     begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     if not os.path.isfile(readme):
@@ -255,3 +296,35 @@ def update_readme_block(readme: str, name: str, markdown: str) -> bool:
         f.write(text)
     os.replace(tmp, readme)
     return True
+
+
+def refresh_blocks() -> List[str]:
+    """
+    Rewrite every ``<!-- bench:NAME -->`` block of README.md and docs/*.md from the tracked
+    ``benchmarks/results/NAME.md`` (for a block just added to a page); returns what changed
+    and which blocks have no results file yet.
+    """
+    changed = []
+    for doc in markdown_files():
+        with open(doc) as f:
+            names = re.findall(r"<!-- bench:([\w.-]+) -->", f.read())
+        for name in names:
+            path = os.path.join(RESULTS_DIR, f"{name}.md")
+            if not os.path.isfile(path):
+                changed.append(f"{os.path.relpath(doc, os.path.dirname(README))}: {name} has no "
+                               "results file yet")
+                continue
+            with open(doc) as f:
+                before = f.read()
+            with open(path) as f:
+                update_readme_block(doc, name, f.read())
+            with open(doc) as f:
+                if f.read() != before:
+                    changed.append(f"{os.path.relpath(doc, os.path.dirname(README))}: {name}")
+    return changed
+
+
+if __name__ == "__main__":
+    # `python benchmarks/harness.py`: the README/docs blocks from the tracked results files.
+    for line in refresh_blocks() or ["every block already equals its results file"]:
+        print(line)

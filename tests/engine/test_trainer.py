@@ -212,8 +212,12 @@ def test_checkpoint_holds_optimizer_state_and_resume_restores_it(tmp_path, datas
     resumed.resume_or_load(resume=True)
     assert resumed.start_iter == 3
     state = resumed.optimizer.state_dict()["state"]
-    key = next(iter(moments))
-    assert torch.equal(state[key]["exp_avg"], moments[key]["exp_avg"])
+    assert state.keys() == moments.keys()
+    for key, entries in moments.items():  # every parameter's moments and step count
+        assert state[key].keys() == entries.keys(), key
+        for name, value in entries.items():
+            assert torch.equal(torch.as_tensor(state[key][name]), torch.as_tensor(value)), \
+                (key, name)
 
 
 # -- weights, resume, divergence, leftovers: hostile and broken inputs ---------------------------

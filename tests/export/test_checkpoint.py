@@ -178,7 +178,21 @@ def test_checkpointer_save_resume_with_optimizer(tmp_path):
     extra = ck.resume_or_load("", resume=True)
     assert extra["iteration"] == 9
     _assert_same_weights(model, model2)
-    assert opt2.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
+    # The optimizer state is restored value for value (momentum buffers, hyper-parameters) ...
+    saved, restored = opt.state_dict(), opt2.state_dict()
+    assert restored["param_groups"] == saved["param_groups"]
+    assert restored["state"].keys() == saved["state"].keys() and saved["state"]
+    for index, state in saved["state"].items():
+        assert state.keys() == restored["state"][index].keys()
+        for key, value in state.items():
+            assert torch.equal(restored["state"][index][key], value), (index, key)
+            assert value.abs().sum() > 0, (index, key)  # a real momentum, not zeros
+    # ... so the resumed run continues exactly as the original would have.
+    for m, o in ((model, opt), (model2, opt2)):
+        o.zero_grad()
+        (m.fc.weight.sum() + m.conv.weight.square().sum()).backward()
+        o.step()
+    _assert_same_weights(model, model2)
 
 
 def test_load_checkpoint_file_returns_plain_data(tmp_path):

@@ -2,6 +2,8 @@
 ConvUpsampleMaskHead against Detectron2's MaskRCNNConvUpsampleHead: same weights, same inputs
 -> identical logits, loss (mask_rcnn_loss), gradients and pred_masks; checkpoints load both ways.
 """
+import copy
+
 import pytest
 import torch
 from detectron2.layers import ShapeSpec
@@ -105,10 +107,48 @@ def test_inference_pred_masks_match(cls_agnostic):
         assert torch.equal(a.pred_masks, b.pred_masks)
 
 
-def test_norm_head_matches_in_training_and_eval():
-    theirs, ours = _pair(False, norm="GN", conv_dim=32)
-    x = _features(5)
-    assert torch.equal(ours.layers(x), theirs.layers(x))
+@pytest.mark.parametrize("norm", ["GN", "BN"])
+def test_norm_head_matches_in_training_and_eval(norm):
+    theirs, ours = _pair(False, norm=norm, conv_dim=32)
+    instances = training_instances(BOXES, num_classes=3)
+    n = sum(len(i) for i in instances)
+
+    # Training mode (BN: batch statistics): loss, gradients, updated running statistics.
+    theirs.train()
+    ours.train()
+    x_theirs = _features(n).requires_grad_(True)
+    x_ours = x_theirs.detach().clone().requires_grad_(True)
+    with EventStorage():
+        loss_theirs = theirs(x_theirs, instances)["loss_mask"]
+        loss_ours = ours(x_ours, instances)["loss_mask"]
+    assert torch.equal(loss_ours, loss_theirs)
+    loss_theirs.backward()
+    loss_ours.backward()
+    assert torch.equal(x_ours.grad, x_theirs.grad)
+    grads_theirs = {k: p.grad for k, p in theirs.named_parameters()}
+    for k, p in ours.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, k
+        assert torch.equal(p.grad, grads_theirs[k]), k
+    state_theirs = theirs.state_dict()
+    for k, v in ours.state_dict().items():  # BN's running mean/var moved alike
+        assert torch.equal(v, state_theirs[k]), k
+
+    # Eval mode (BN: the running statistics): logits and pred_masks.
+    theirs.eval()
+    ours.eval()
+    x = _features(n, seed=2)
+    with torch.no_grad():
+        logits = ours.layers(x)
+        assert torch.equal(logits, theirs.layers(x))
+        if norm == "BN":  # eval really uses other statistics than training (on a copy:
+            # a training-mode forward moves the running statistics)
+            assert not torch.allclose(copy.deepcopy(ours).train().layers(x), logits)
+        inst_theirs = inference_instances(BOXES, num_classes=3)
+        inst_ours = inference_instances(BOXES, num_classes=3)
+        theirs(x, inst_theirs)
+        ours(x, inst_ours)
+    for a, b in zip(inst_ours, inst_theirs):
+        assert torch.equal(a.pred_masks, b.pred_masks)
 
 
 def test_empty_training_batch_gives_zero_loss_like_detectron2():

@@ -87,13 +87,33 @@ def test_adaptive_pooling_on_one_level_equals_roipooler_plus_parity_head():
 def test_adaptive_pooling_uses_every_level_for_every_roi():
     panet = _panet(LEVELS, PANET_FUSED_FC=False, POOLER_TYPE="").eval()
     assert len(panet.fcn1_per_level) == 4
-    features = _pyramid()
+    features = {f: x.requires_grad_(True) for f, x in _pyramid().items()}
     instances = inference_instances(BOXES, num_classes=3)
-    small = 1  # BOXES[1][0]: an 8x12 box, which Detectron2's level mapping sends to p2 alone
-    before = panet.layers(panet.pool(features, instances))[2 + small]
-    features["p5"] = features["p5"] + 1.0
-    after = panet.layers(panet.pool(features, instances))[2 + small]
-    assert not torch.allclose(before, after)
+    boxes = [i.pred_boxes for i in instances]
+    num_rois = sum(len(b) for b in boxes)
+    pooled = panet.pool(features, instances)
+    # Every ROI is pooled from every level: level l's rows are ROIAlignV2 of each ROI on l
+    # (Detectron2's level mapping would send each ROI to one level only).
+    assert len(pooled) == len(STRIDES)
+    for level, (f, stride) in enumerate(STRIDES.items()):
+        reference = ROIPooler(7, (1.0 / stride,), 0, "ROIAlignV2")([features[f]], boxes)
+        assert pooled[level].shape == (num_rois, 8, 7, 7)
+        assert torch.equal(pooled[level], reference), f
+    # ... and every ROI's logits depend on every level (through its own region only): the
+    # gradient of ROI r's logits reaches each level's map inside r's box, at r's image.
+    logits = panet.layers(pooled)
+    flat = [(image, box) for image, b in enumerate(boxes) for box in b.tensor.tolist()]
+    assert len(flat) == num_rois
+    for roi, (image, (x0, y0, x1, y1)) in enumerate(flat):
+        grads = torch.autograd.grad(logits[roi].sum(), list(features.values()), retain_graph=True)
+        for (f, stride), grad in zip(STRIDES.items(), grads):
+            assert grad[image].abs().sum() > 0, (roi, f)
+            assert grad[1 - image].abs().sum() == 0, (roi, f)  # the other image's map: untouched
+            # Nothing outside the box (with ROIAlign's one-cell bilinear margin) contributes.
+            inside = torch.zeros_like(grad[image][0], dtype=torch.bool)
+            inside[max(int(y0 / stride) - 1, 0):int(y1 / stride) + 2,
+                   max(int(x0 / stride) - 1, 0):int(x1 / stride) + 2] = True
+            assert grad[image][:, ~inside].abs().sum() == 0, (roi, f)
 
 
 @pytest.mark.parametrize("fuse", ["max", "sum", "mean"])

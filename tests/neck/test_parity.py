@@ -1,6 +1,7 @@
 """
 Parity with Detectron2's built-in FPN: same parameter names, same fresh initialisation, strict
-loading of Detectron2's weights and identical pyramids (R50, padded odd and even sizes).
+loading of Detectron2's weights, bit-identical pyramids and bit-identical gradients of the
+input and of every parameter (R50, padded odd and even sizes; norms in training mode).
 """
 import pytest
 import torch
@@ -33,7 +34,30 @@ def _assert_same_pyramid(ref, ours, images):
     assert list(a) == list(b)
     for k in a:
         assert a[k].shape == b[k].shape, k
-        assert (a[k] - b[k]).abs().max().item() <= 1e-5, k
+        assert torch.equal(a[k], b[k]), (k, (a[k] - b[k]).abs().max().item())
+
+
+def _assert_same_gradients(ref, ours, images):
+    """Backpropagate the same random weighting of every level through both: the gradients of
+    the input and of every trainable parameter are bit-identical."""
+    x = padded(images, ref.size_divisibility)
+    grads = []
+    for model in (ref, ours):
+        model.zero_grad()
+        leaf = x.clone().requires_grad_(True)
+        out = model(leaf)
+        g = torch.Generator().manual_seed(5)
+        loss = sum((out[k] * torch.randn(out[k].shape, generator=g)).sum() for k in sorted(out))
+        loss.backward()
+        params = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        grads.append((leaf.grad, params))
+    (x_ref, p_ref), (x_ours, p_ours) = grads
+    assert torch.equal(x_ours, x_ref)
+    assert p_ours.keys() == p_ref.keys()
+    assert any(n.startswith("fpn_") for n in p_ref)
+    for name, grad in p_ref.items():
+        assert grad is not None and p_ours[name] is not None, name
+        assert torch.equal(p_ours[name], grad), (name, (p_ours[name] - grad).abs().max().item())
 
 
 def _assert_same_contract(ref, ours):
@@ -58,7 +82,7 @@ def _plugin(cfg, seed):
     ],
     ids=["mask_rcnn_fpn", "retinanet_fpn"],
 )
-def test_r50_checkpoint_loads_strictly_and_gives_identical_pyramids(
+def test_r50_checkpoint_loads_strictly_and_gives_identical_pyramids_and_gradients(
     request, builder, top_block, in_features
 ):
     cfg = r50_cfg()
@@ -81,7 +105,9 @@ def test_r50_checkpoint_loads_strictly_and_gives_identical_pyramids(
     assert not result.missing_keys and not result.unexpected_keys
     _assert_same_contract(ref, ours)
     for sizes in BATCHES[request.node.callspec.id]:
-        _assert_same_pyramid(ref, ours, [torch.randn(3, *hw) for hw in sizes])
+        images = [torch.randn(3, *hw) for hw in sizes]
+        _assert_same_pyramid(ref, ours, images)
+        _assert_same_gradients(ref, ours, images)
 
 
 @pytest.mark.parametrize(
@@ -97,7 +123,8 @@ def test_r50_checkpoint_loads_strictly_and_gives_identical_pyramids(
     ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()),
 )
 def test_options_detectron2_also_has_match_its_fpn(fpn_keys):
-    """Settings Detectron2's FPN class supports (norm, avg fusion, top blocks) stay identical."""
+    """Settings Detectron2's FPN class supports (norm, avg fusion, top blocks) stay identical,
+    forward and backward."""
     cfg = tiny_cfg(**fpn_keys)
     top_block = cfg.MODEL.FPN.TOP_BLOCK
     out_channels = cfg.MODEL.FPN.OUT_CHANNELS
@@ -121,7 +148,12 @@ def test_options_detectron2_also_has_match_its_fpn(fpn_keys):
     ours.load_state_dict(ref.state_dict(), strict=True)
     ours.train()
     _assert_same_contract(ref, ours)
-    _assert_same_pyramid(ref, ours, [torch.randn(3, 50, 70), torch.randn(3, 37, 33)])
+    images = [torch.randn(3, 50, 70), torch.randn(3, 37, 33)]
+    _assert_same_pyramid(ref, ours, images)
+    _assert_same_gradients(ref, ours, images)
+    # BN's running statistics moved alike (each side ran two training-mode forwards).
+    for name, value in ref.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], value), name
 
 
 def test_python_constructor_matches_detectron2_fpn_signature():

@@ -1,4 +1,5 @@
-"""PerLevelRPNHead: StandardRPNHead parity, per-level layouts, TorchScript, config errors."""
+"""PerLevelRPNHead: StandardRPNHead parity (weights, outputs, gradients), per-level layouts,
+TorchScript, config errors."""
 import pytest
 import torch
 from detectron2.layers import ShapeSpec
@@ -36,11 +37,27 @@ def test_same_seed_same_weights_and_outputs_as_standard_head(conv_dims):
         for p in ref.parameters():
             p.normal_(0, 0.5)
     head.load_state_dict(ref.state_dict(), strict=True)
-    feats = _features(8)
-    for got, want in zip(head(feats), ref(feats)):
+    outputs, grads = [], []
+    for module in (head, ref):
+        feats = [f.requires_grad_(True) for f in _features(8)]
+        logits, deltas = module(feats)
+        outputs.append((logits, deltas))
+        # The same random weighting of every output, backpropagated.
+        g = torch.Generator().manual_seed(9)
+        loss = sum((t * torch.randn(t.shape, generator=g)).sum() for t in logits + deltas)
+        loss.backward()
+        grads.append(([f.grad for f in feats], {n: p.grad for n, p in module.named_parameters()}))
+    for got, want in zip(*outputs):
         assert len(got) == len(want) == 5
         for g, w in zip(got, want):
             assert torch.equal(g, w)
+    (feat_grads, param_grads), (ref_feat_grads, ref_param_grads) = grads
+    for g, w in zip(feat_grads, ref_feat_grads):
+        assert torch.equal(g, w)
+    assert param_grads.keys() == ref_param_grads.keys()
+    for name, w in ref_param_grads.items():
+        assert w is not None and w.abs().sum() > 0, name
+        assert torch.equal(param_grads[name], w), name
 
 
 def test_from_config_matches_standard_head(fpn_cfg, fpn_shapes):

@@ -1,4 +1,5 @@
-"""PerLevelRPN against Detectron2's RPN (same weights, inputs, seeds), options, statistics."""
+"""PerLevelRPN against Detectron2's RPN (same weights, inputs, seeds: losses, gradients,
+proposals), options, statistics."""
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -126,16 +127,30 @@ def test_fpn_parity_training_and_inference(
 
     for module in (ref, mine):
         module.train()
-    outputs = {}
+    outputs, grads = {}, {}
     for name, module in (("ref", ref), ("mine", mine)):
+        leaves = {k: v.clone().requires_grad_(True) for k, v in features.items()}
         torch.manual_seed(42)  # label sampling draws from the global RNG
         with EventStorage() as storage:
-            outputs[name] = module(images, features, gt) + (storage.latest(),)
-    (props, losses, stats), (ref_props, ref_losses, ref_stats) = outputs["mine"], outputs["ref"]
+            outputs[name] = module(images, leaves, gt) + (storage.latest(),)
+        outputs[name] += (torch.get_rng_state(),)
+        sum(outputs[name][1].values()).backward()
+        grads[name] = ({k: v.grad for k, v in leaves.items()},
+                       {n: p.grad for n, p in module.named_parameters()})
+    (props, losses, stats, rng), (ref_props, ref_losses, ref_stats, ref_rng) = (
+        outputs["mine"], outputs["ref"])
     assert losses.keys() == ref_losses.keys() == {"loss_rpn_cls", "loss_rpn_loc"}
     for k in losses:
         assert torch.equal(losses[k], ref_losses[k]), k
         assert losses[k] > 0
+    assert torch.equal(rng, ref_rng)  # the sampler drew as many random numbers
+    # Training gradients: of every pyramid level and of every head parameter.
+    (feat_grads, param_grads), (ref_feat_grads, ref_param_grads) = grads["mine"], grads["ref"]
+    for k, w in ref_feat_grads.items():
+        assert w.abs().sum() > 0 and torch.equal(feat_grads[k], w), k
+    assert param_grads.keys() == ref_param_grads.keys()
+    for k, w in ref_param_grads.items():
+        assert w is not None and torch.equal(param_grads[k], w), k
     _assert_same_proposals(props, ref_props, with_levels=False)
     for k in ("rpn/num_pos_anchors", "rpn/num_neg_anchors"):
         assert stats[k][0] == ref_stats[k][0]
