@@ -266,29 +266,33 @@ def markdown(runs, result) -> str:
     return "\n".join(lines)
 
 
+def render(payload):
+    """The markdown of a results payload (what ``report`` writes as ``bench_demo_precision.json``):
+    the header, the per-run table, the comparison and the verdict."""
+    runs = {v: {int(s): r for s, r in by_seed.items()} for v, by_seed in payload["runs"].items()}
+    result = payload["comparison"]
+    header = (f"Command: `python benchmarks/bench_demo_precision.py run --variant V --seed S` "
+              f"for V in fp32, fast and S in {result['seeds']}, then `report --write-results`  \n"
+              "Machine: " + ", ".join(f"{k} {v}" for k, v in payload["environment"].items())
+              + "  \n" + f"Date: {payload['date']} (commits of the runs: {payload['commits']})\n\n")
+    return header + markdown(runs, result) + "\n"
+
+
 def report(args) -> str:
     runs = load_runs()
     result = compare(runs)
-    table = markdown(runs, result)
-    folder = harness.RESULTS_DIR if args.write_results else harness.OUTPUT_DIR
-    os.makedirs(folder, exist_ok=True)
     first = runs["fp32"][result["seeds"][0]]
-    header = (f"Command: `python benchmarks/bench_demo_precision.py run --variant V --seed S` "
-              f"for V in fp32, fast and S in {result['seeds']}, then `report`  \n"
-              "Machine: " + ", ".join(f"{k} {v}" for k, v in first["environment"].items())
-              + "  \n" + f"Commits: {sorted({r['commit'] for v in runs.values() for r in v.values()})}\n\n")
-    text = header + table + "\n"
-    payload = {"runs": {v: {str(s): r for s, r in by_seed.items()} for v, by_seed in runs.items()},
-               "comparison": result}
-    with open(os.path.join(folder, f"{NAME}.json"), "w") as f:
-        json.dump(payload, f, indent=1)
-    with open(os.path.join(folder, f"{NAME}.md"), "w") as f:
-        f.write(text)
-    if args.write_results:
-        harness.update_readme_block(harness.README, NAME, text)
+    payload = {
+        "command": "python benchmarks/bench_demo_precision.py report --write-results",
+        "environment": first["environment"],
+        "date": time.strftime("%Y-%m-%d"),
+        "commits": sorted({r["commit"] for v in runs.values() for r in v.values()}),
+        "runs": {v: {str(s): r for s, r in by_seed.items()} for v, by_seed in runs.items()},
+        "comparison": result,
+    }
+    text = render(payload)
     print(text)
-    print(f"[bench] results written to {os.path.join(folder, NAME)}.{{md,json}}"
-          + (" and README.md" if args.write_results else ""), flush=True)
+    harness.write_payload(NAME, payload, text, write_results=args.write_results)
     return text
 
 
