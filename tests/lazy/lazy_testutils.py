@@ -146,5 +146,10 @@ def settings(module):
     """A module's own plain settings (ints, floats, strings and containers of them: top-k,
     thresholds, batch sizes, strides, feature names, ...), for comparing two models beyond
     their parameters."""
-    return {k: v for k, v in vars(module).items()
-            if k not in ("training", "_is_full_backward_hook") and _plain_value(v)}
+    out = {}
+    for k, v in vars(module).items():
+        if isinstance(v, (DictConfig, ListConfig)):  # a LazyConfig list passed through as is
+            v = OmegaConf.to_container(v)
+        if k not in ("training", "_is_full_backward_hook") and _plain_value(v):
+            out[k] = v
+    return out
