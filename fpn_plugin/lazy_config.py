@@ -228,13 +228,31 @@ def plain_data(node):
     ``node`` (changed in place and returned) with the objects Detectron2's recipes put in
     LazyConfig trees replaced by data ``LazyConfig.save`` writes as loadable YAML:
 
-    - a ``ShapeSpec`` becomes ``LazyCall(ShapeSpec)(...)`` (the same object once instantiated);
+    - a ``ShapeSpec`` (an object on Detectron2 v0.6, a structured config on main) becomes
+      ``LazyCall(ShapeSpec)(...)`` (the same object once instantiated);
     - a callable under a ``norm`` or ``conv_norm`` key becomes the ``get_norm`` name that
       builds the same layer (:func:`norm_name`); one with no such name is kept, with a warning
       (the config then works but saves as a pickle, as Detectron2's does).
     """
     _visit(node, "")
     return node
+
+
+_SHAPE_SPEC_FIELDS = ("channels", "height", "width", "stride")
+
+
+def _shape_spec_fields(value) -> Optional[Dict[str, Any]]:
+    """
+    The fields of a ``ShapeSpec`` in a config tree, or None if ``value`` is none: an object on
+    Detectron2 v0.6 (a namedtuple), a typed ``DictConfig`` on main (a dataclass, which
+    OmegaConf stores as a structured config that ``LazyConfig.save`` writes with a Python tag).
+    """
+    if isinstance(value, ShapeSpec):
+        return {f: getattr(value, f) for f in _SHAPE_SPEC_FIELDS}
+    if isinstance(value, DictConfig) and not value._is_none() and \
+            OmegaConf.get_type(value) is ShapeSpec:
+        return {f: value.get(f) for f in _SHAPE_SPEC_FIELDS}
+    return None
 
 
 def _visit(node, path: str) -> None:
@@ -249,8 +267,8 @@ def _visit(node, path: str) -> None:
             continue
         value = node[key]
         where = f"{path}.{key}" if path else str(key)
-        if isinstance(value, ShapeSpec):
-            fields = {f: getattr(value, f) for f in ("channels", "height", "width", "stride")}
+        fields = _shape_spec_fields(value)
+        if fields is not None:
             node[key] = LazyCall(ShapeSpec)(**{f: v for f, v in fields.items() if v is not None})
         elif key in ("norm", "conv_norm") and callable(value) and not isinstance(value, str):
             name = norm_name(value)

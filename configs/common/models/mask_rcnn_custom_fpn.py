@@ -11,4 +11,8 @@ from detectron2 import model_zoo
 
 from fpn_plugin.lazy_config import with_plugin_components
 
-model = with_plugin_components(model_zoo.get_config("common/models/mask_rcnn_fpn.py").model)
+_detectron2 = model_zoo.get_config("common/models/mask_rcnn_fpn.py")
+model = with_plugin_components(_detectron2.model)
+# Detectron2 main's file also defines the pixel statistics it reads (common/data/constants.py).
+if "constants" in _detectron2:
+    constants = _detectron2.constants
