@@ -20,3 +20,25 @@ TINY_OPTS = [
 # The embedded shapes dataset at the same size (for runs that generate it).
 TINY_SHAPES_OPTS = ["DATASETS.SHAPES.NUM_TRAIN", "8", "DATASETS.SHAPES.NUM_VAL", "2",
                     "DATASETS.SHAPES.IMAGE_SIZE", "64"]
+
+# The LazyConfig demo (configs/Demo/mask_rcnn_R_18_custom_fpn_shapes.py) at the same sizes:
+# lazy_train_net.py key=value overrides.
+LAZY_DEMO_CONFIG = os.path.join(ROOT, "configs", "Demo", "mask_rcnn_R_18_custom_fpn_shapes.py")
+LAZY_TINY_OPTS = [
+    "model.backbone.out_channels=32", "model.proposal_generator.head.in_channels=32",
+    "model.roi_heads.box_head.input_shape.channels=32", "model.roi_heads.box_head.fc_dims=[64,64]",
+    "model.roi_heads.box_predictor.input_shape.channels=64",
+    "model.roi_heads.mask_head.input_shape.channels=32",
+    "model.roi_heads.mask_head.conv_dims=[32,32,32,32,32]",
+    "model.roi_heads.batch_size_per_image=32",
+    "model.proposal_generator.pre_nms_topk=[200,100]",
+    "model.proposal_generator.post_nms_topk=[50,50]",
+    "dataloader.train.mapper.augmentations.0.short_edge_length=[64]",
+    "dataloader.train.mapper.augmentations.0.max_size=64",
+    "dataloader.test.mapper.augmentations.0.short_edge_length=64",
+    "dataloader.test.mapper.augmentations.0.max_size=64",
+    "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0",
+    "dataloader.test.num_workers=0", "train.eval_period=0", "train.log_period=1",
+    "dataloader.shapes.num_train=8", "dataloader.shapes.num_val=2",
+    "dataloader.shapes.image_size=64",
+]

@@ -42,6 +42,7 @@ from .validation import InvalidRecord, format_invalid_records, validate_records
 __all__ = [
     "DatasetCheck",
     "InvalidRecordsError",
+    "check_datasets",
     "check_invalid_record_policy",
     "get_validated_dataset_dicts",
     "load_dataset_records",
@@ -293,38 +294,73 @@ class DatasetCheck:
 def validate_datasets(cfg, report_path: Optional[str] = None) -> DatasetCheck:
     """
     Validate ``DATASETS.TRAIN`` (annotations and images) and ``DATASETS.TEST`` (images, and
-    the ground-truth file COCO evaluation will read) once, before training.
+    the ground-truth file COCO evaluation will read) once, before training: the config's keys
+    mapped onto :func:`check_datasets`.
 
     Raises:
         InvalidRecordsError: under ``DATALOADER.INVALID_RECORDS: error``, listing every problem
             of every dataset; under either policy, problems in an evaluation set's ground truth.
     """
-    policy = check_invalid_record_policy(cfg.DATALOADER.INVALID_RECORDS)
-    max_pixels = check_max_image_pixels(cfg.INPUT.MAX_IMAGE_PIXELS)
+    load_proposals = cfg.MODEL.LOAD_PROPOSALS
+    return check_datasets(
+        cfg.DATASETS.TRAIN, cfg.DATASETS.TEST,
+        policy=check_invalid_record_policy(cfg.DATALOADER.INVALID_RECORDS),
+        check_images=cfg.DATALOADER.CHECK_IMAGES,
+        require_segmentation=cfg.MODEL.MASK_ON,
+        filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+        min_keypoints=(cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
+                       if cfg.MODEL.KEYPOINT_ON else 0),
+        proposal_files_train=cfg.DATASETS.PROPOSAL_FILES_TRAIN if load_proposals else None,
+        proposal_files_test=cfg.DATASETS.PROPOSAL_FILES_TEST if load_proposals else None,
+        max_image_pixels=check_max_image_pixels(cfg.INPUT.MAX_IMAGE_PIXELS),
+        report_path=report_path)
+
+
+def check_datasets(train: Sequence[str], test: Sequence[str], *, policy: str = "skip",
+                   check_images: bool = True, require_segmentation: bool = False,
+                   filter_empty: bool = True, min_keypoints: int = 0,
+                   proposal_files_train: Optional[Sequence[str]] = None,
+                   proposal_files_test: Optional[Sequence[str]] = None,
+                   max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                   report_path: Optional[str] = None) -> DatasetCheck:
+    """
+    Validate a training run's datasets once, before training: the training sets' annotations
+    and images, and the evaluation sets' images and the ground-truth files COCO evaluation
+    will read. Every problem of every set is collected before the policy decides.
+
+    Args:
+        train, test: registered dataset names (either may be empty).
+        policy, check_images, require_segmentation, filter_empty, min_keypoints,
+            max_image_pixels: as :func:`get_validated_dataset_dicts` (training sets; the
+            evaluation sets keep every image with annotations unchecked).
+        proposal_files_train (list[str] or None): precomputed proposals of ``train``.
+        proposal_files_test (list[str] or None): one file per ``test`` set.
+        report_path (str): where the caller writes the problems; named in the error message.
+
+    Raises:
+        InvalidRecordsError: under policy "error", listing every problem of every dataset;
+            under either policy, problems in an evaluation set's ground truth.
+    """
     problems: List[InvalidRecord] = []
     train_records: List[Dict] = []
     test_records: Dict[str, List[Dict]] = {}
-    if len(cfg.DATASETS.TRAIN):
+    if len(train):
         train_records, problems = get_validated_dataset_dicts(
-            cfg.DATASETS.TRAIN, policy="skip", check_images=cfg.DATALOADER.CHECK_IMAGES,
-            require_segmentation=cfg.MODEL.MASK_ON,
-            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
-            min_keypoints=(cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE
-                           if cfg.MODEL.KEYPOINT_ON else 0),
-            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
-            max_image_pixels=max_pixels)
-    for i, name in enumerate(cfg.DATASETS.TEST):
+            train, policy="skip", check_images=check_images,
+            require_segmentation=require_segmentation, filter_empty=filter_empty,
+            min_keypoints=min_keypoints, proposal_files=proposal_files_train,
+            max_image_pixels=max_image_pixels)
+    for i, name in enumerate(test):
         try:
             test_records[name], found = get_validated_dataset_dicts(
-                [name], policy="skip", check_images=cfg.DATALOADER.CHECK_IMAGES,
+                [name], policy="skip", check_images=check_images,
                 check_annotations=False, filter_empty=False,
-                proposal_files=([cfg.DATASETS.PROPOSAL_FILES_TEST[i]]
-                                if cfg.MODEL.LOAD_PROPOSALS else None),
-                max_image_pixels=max_pixels, ground_truth_problems_fatal=True)
+                proposal_files=([proposal_files_test[i]] if proposal_files_test else None),
+                max_image_pixels=max_image_pixels, ground_truth_problems_fatal=True)
         except InvalidRecordsError as e:  # raised below, with the other sets' problems
             found = e.problems
         problems += found
-    names = dict.fromkeys(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+    names = dict.fromkeys(list(train) + list(test))
     _raise_for_policy(problems, policy, ", ".join(names), report_path)
     return DatasetCheck(train_records, test_records, problems)
 

@@ -15,7 +15,7 @@ from detectron2.engine import defaults as _d2_defaults
 from detectron2.utils import comm
 from torch import nn
 
-__all__ = ["create_ddp_model", "cpu_capable_ddp", "check_resumed_alike"]
+__all__ = ["create_ddp_model", "cpu_capable_ddp", "check_resumed_alike", "check_started_alike"]
 
 # Bound once, so the swap in cpu_capable_ddp never calls itself.
 _D2_CREATE_DDP_MODEL = _d2_defaults.create_ddp_model
@@ -27,7 +27,8 @@ def _check_no_cuda_only_sync_bn(model: nn.Module) -> None:
             raise ValueError(
                 f"module {name!r} is torch.nn.SyncBatchNorm (norm 'SyncBN' in MODEL.FPN.NORM, "
                 "MODEL.RPN.HEAD_NORM, MODEL.ROI_BOX_HEAD.NORM, MODEL.ROI_MASK_HEAD.NORM, "
-                "MODEL.RESNETS.NORM), which synchronizes only CUDA tensors. On CPU processes "
+                "MODEL.RESNETS.NORM; a norm/conv_norm argument in a LazyConfig), which "
+                "synchronizes only CUDA tensors. On CPU processes "
                 "(gloo) use 'naiveSyncBN' (Detectron2's NaiveSyncBatchNorm, the same "
                 "statistics when every process has the same batch shape) or 'GN'.")
 
@@ -76,11 +77,19 @@ def check_resumed_alike(trainer) -> None:
     again after construction, so a machine that cannot see rank 0's checkpoints (OUTPUT_DIR
     not on shared storage) would silently train different weights from iteration 0.
     """
+    check_started_alike(int(trainer.start_iter), trainer.cfg.OUTPUT_DIR)
+
+
+def check_started_alike(start_iter: int, output_dir: str, key: str = "OUTPUT_DIR") -> None:
+    """
+    :func:`check_resumed_alike` for any training loop: this rank's first iteration and its
+    checkpoint folder (``key`` names the setting in the message, e.g. ``train.output_dir``).
+    """
     if comm.get_world_size() == 1:
         return
-    starts = comm.all_gather(int(trainer.start_iter))
+    starts = comm.all_gather(int(start_iter))
     if len(set(starts)) > 1:
         raise RuntimeError(
-            f"ranks resumed at different iterations {starts} (index = rank): OUTPUT_DIR="
-            f"{trainer.cfg.OUTPUT_DIR!r} must be storage that every machine sees, since rank "
+            f"ranks resumed at different iterations {starts} (index = rank): {key}="
+            f"{output_dir!r} must be storage that every machine sees, since rank "
             "0 writes the checkpoints and every rank reads them on --resume")

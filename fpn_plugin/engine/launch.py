@@ -27,8 +27,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.utils import comm
 
-__all__ = ["DEFAULT_TIMEOUT", "launch", "launch_from_env", "started_by_torchrun",
-           "detectron2_launch_supports_this_machine"]
+__all__ = ["DEFAULT_TIMEOUT", "call_in_rank_order", "launch", "launch_from_env",
+           "started_by_torchrun", "detectron2_launch_supports_this_machine"]
 
 logger = logging.getLogger(__name__)
 
@@ -191,3 +191,26 @@ def launch_from_env(main_func, args=(), timeout=DEFAULT_TIMEOUT):
         _create_local_process_group(local_world_size)
         comm.synchronize()
     return main_func(*args)
+
+
+def call_in_rank_order(fn):
+    """
+    Call ``fn()`` in every process of the job, one writer per file system at a time: first
+    the main process, then the first process of every other machine (which finds rank 0's
+    files on shared storage or writes its own copy), then every other process. A collective:
+    call it on every rank. For set-up that writes files and registers something in each
+    process, e.g. generating and registering a dataset.
+
+    Returns:
+        what ``fn()`` returned in this process.
+    """
+    result = None
+    if comm.is_main_process():
+        result = fn()
+    comm.synchronize()
+    if comm.get_local_rank() == 0 and not comm.is_main_process():
+        result = fn()
+    comm.synchronize()
+    if comm.get_local_rank() != 0:
+        result = fn()
+    return result

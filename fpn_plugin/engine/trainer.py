@@ -42,7 +42,7 @@ import logging
 import math
 import os
 import statistics
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import torch
 from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader
@@ -68,7 +68,7 @@ from .plotting import plot_training_curve
 from .precision import check_training_precision, enable_fast_training, make_train_loop
 
 __all__ = ["Trainer", "TrainingDivergedError", "check_amp_config", "check_training_config",
-           "build_evaluator_for", "build_optimizer_for"]
+           "build_evaluator_for", "build_optimizer_for", "divergence_reported"]
 
 logger = logging.getLogger(__name__)
 
@@ -185,10 +185,12 @@ class _DivergenceGuard(HookBase):
     :class:`TrainingDivergedError` naming the iteration and ``SOLVER.BASE_LR``.
     """
 
-    def __init__(self, factor: float, base_lr: float, window: int = 5):
+    def __init__(self, factor: float, base_lr: float, window: int = 5,
+                 keys=("SOLVER.DIVERGENCE_FACTOR", "SOLVER.BASE_LR")):
         self._factor = factor
         self._base_lr = base_lr
         self._window = window
+        self._factor_key, self._lr_key = keys  # named in the message (YAML or LazyConfig)
         self._reference: Optional[float] = None
 
     def after_step(self):
@@ -206,8 +208,8 @@ class _DivergenceGuard(HookBase):
             message = (
                 f"training diverged at iteration {self.trainer.iter}: the total loss (median "
                 f"of the last {self._window} iterations) is {recent:.4g}, more than "
-                f"SOLVER.DIVERGENCE_FACTOR={self._factor:g} times its value at the start "
-                f"({self._reference:.4g}). Lower SOLVER.BASE_LR (now {self._base_lr:g}) and "
+                f"{self._factor_key}={self._factor:g} times its value at the start "
+                f"({self._reference:.4g}). Lower {self._lr_key} (now {self._base_lr:g}) and "
                 "start again (or --resume from a checkpoint written before the divergence).")
             logger.error(message)
             raise TrainingDivergedError(message)
@@ -236,6 +238,30 @@ class _NoTracebackForDivergence(logging.Filter):
 
     def filter(self, record):
         return not (record.exc_info and isinstance(record.exc_info[1], FloatingPointError))
+
+
+@contextlib.contextmanager
+def divergence_reported(lr_key: str, lr: float) -> Iterator[None]:
+    """
+    Around a Detectron2 training loop: a diverging run (the divergence guard's error, or
+    Detectron2's "Loss became infinite or NaN") ends with a :class:`TrainingDivergedError`
+    whose message names the learning rate's setting ``lr_key`` and value, and Detectron2's
+    loop logs it without a traceback.
+    """
+    loop_logger = logging.getLogger("detectron2.engine.train_loop")
+    quiet = _NoTracebackForDivergence()
+    loop_logger.addFilter(quiet)
+    try:
+        yield
+    except TrainingDivergedError:
+        raise
+    except FloatingPointError as e:  # Detectron2's "Loss became infinite or NaN at ..."
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else "non-finite loss"
+        raise TrainingDivergedError(
+            f"training diverged: {first_line} Lower {lr_key} (now {lr:g}) and start again "
+            "(or --resume from a checkpoint written before the divergence).") from e
+    finally:
+        loop_logger.removeFilter(quiet)
 
 
 class Trainer(DefaultTrainer):
@@ -313,21 +339,8 @@ class Trainer(DefaultTrainer):
 
     def train(self):
         """Detectron2's training loop; a diverging run ends with its message, no traceback."""
-        loop_logger = logging.getLogger("detectron2.engine.train_loop")
-        quiet = _NoTracebackForDivergence()
-        loop_logger.addFilter(quiet)
-        try:
+        with divergence_reported("SOLVER.BASE_LR", self.cfg.SOLVER.BASE_LR):
             return super().train()
-        except TrainingDivergedError:
-            raise
-        except FloatingPointError as e:  # Detectron2's "Loss became infinite or NaN at ..."
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else "non-finite loss"
-            raise TrainingDivergedError(
-                f"training diverged: {first_line} Lower SOLVER.BASE_LR (now "
-                f"{self.cfg.SOLVER.BASE_LR:g}) and start again (or --resume from a checkpoint "
-                "written before the divergence).") from e
-        finally:
-            loop_logger.removeFilter(quiet)
 
     @classmethod
     def build_train_loader(cls, cfg, records=None):

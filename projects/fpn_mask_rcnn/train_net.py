@@ -37,7 +37,12 @@ from fpn_plugin.config import load_config
 from fpn_plugin.data.images import ImageFileError
 from fpn_plugin.engine import Trainer
 from fpn_plugin.engine.ddp import check_resumed_alike
-from fpn_plugin.engine.launch import launch, launch_from_env, started_by_torchrun
+from fpn_plugin.engine.launch import (
+    call_in_rank_order,
+    launch,
+    launch_from_env,
+    started_by_torchrun,
+)
 from fpn_plugin.engine.setup import default_setup
 from fpn_plugin.utils.cli import exit_on_errors, quiet_third_party_noise
 
@@ -61,17 +66,8 @@ def register_datasets(cfg):
         return
     from fpn_plugin.data.shapes import register_shapes_from_config
 
-    # Rank 0 generates; then the first process of every other machine, which finds the files
-    # on shared storage or writes its own copy (the dataset is a pure function of its keys);
-    # then everyone else registers them. Never two writers on one file system at once.
-    if comm.is_main_process():
-        register_shapes_from_config(cfg)
-    comm.synchronize()
-    if comm.get_local_rank() == 0 and not comm.is_main_process():
-        register_shapes_from_config(cfg)
-    comm.synchronize()
-    if comm.get_local_rank() != 0:
-        register_shapes_from_config(cfg)
+    # Generated once per file system (rank 0, then each other machine), registered everywhere.
+    call_in_rank_order(lambda: register_shapes_from_config(cfg))
 
 
 def main(args):
