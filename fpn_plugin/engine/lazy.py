@@ -18,9 +18,11 @@ Training and evaluation from Detectron2's Python configs (LazyConfig), the way D
   (optimizer state saved on Detectron2 v0.6 too); the divergence guard, the skipped-records
   metric and the training curve are the YAML trainer's hooks.
 - DDP through :func:`fpn_plugin.engine.ddp.create_ddp_model` (CPU models with gloo too);
-  ``train.amp.enabled`` is Detectron2's ``AMPTrainer`` (CUDA). :func:`build_lazy_train_loop` is
-  the one place that wraps the model and picks the loop, so another training path (e.g.
-  reduced precision on CPU) plugs in there.
+  ``train.amp.enabled`` trains with the YAML entry's fast training path
+  (:mod:`fpn_plugin.engine.precision`): ``train.amp.precision`` "auto" is fp16 with a gradient
+  scaler on CUDA (as Detectron2's ``AMPTrainer``) and bf16 on CPU; ``train.channels_last``.
+  :func:`build_lazy_train_loop` is the one place that sets the model up, wraps it and picks
+  the loop.
 """
 import copy
 import logging
@@ -32,7 +34,7 @@ import torch
 import yaml
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import DatasetMapper, get_detection_dataset_dicts
-from detectron2.engine import AMPTrainer, SimpleTrainer, default_writers, hooks
+from detectron2.engine import SimpleTrainer, default_writers, hooks
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.registry import locate
@@ -44,7 +46,8 @@ from ..data.config import INVALID_RECORD_POLICIES
 from ..data.images import DEFAULT_MAX_IMAGE_PIXELS, CheckedMapper
 from ..utils.env import has_compiled_ops
 from ..utils.files import remove_stale_temp_files, safe_file_stem
-from .ddp import check_started_alike, create_ddp_model
+from .ddp import check_started_alike
+from .precision import build_train_loop, check_training_precision
 from .launch import call_in_rank_order
 from .trainer import (
     INVALID_RECORDS_FILE,
@@ -82,6 +85,11 @@ LAZY_TRAINING_DEFAULTS: Dict[str, Any] = {
     # embedded shapes dataset, generated if missing and registered as shapes_train/shapes_val.
     "dataloader.shapes": None,
     "train.divergence_factor": 100.0,
+    # The fast training path (fpn_plugin.engine.precision), twins of SOLVER.AMP.PRECISION and
+    # SOLVER.CHANNELS_LAST: with train.amp.enabled, "auto" is fp16 on CUDA (with a gradient
+    # scaler, as Detectron2's AMPTrainer) and bf16 on CPU.
+    "train.amp.precision": "auto",
+    "train.channels_last": False,
 }
 _SHAPES_FIELDS = (("num_train", 1), ("num_val", 1), ("image_size", 32), ("seed", 0))
 # Entries of Detectron2's common/train.py that the trainer reads.
@@ -164,8 +172,8 @@ def _check_plain_yaml(path: str) -> None:
 def add_lazy_training_defaults(cfg: DictConfig) -> DictConfig:
     """Add each :data:`LAZY_TRAINING_DEFAULTS` key ``cfg`` lacks (in place; returns ``cfg``)."""
     for key, default in LAZY_TRAINING_DEFAULTS.items():
-        section, name = key.split(".")
-        node = cfg.get(section)
+        *parents, name = key.split(".")
+        node = OmegaConf.select(cfg, ".".join(parents), default=None)
         if isinstance(node, DictConfig) and name not in node:
             node[name] = default
     return cfg
@@ -202,13 +210,8 @@ def check_lazy_training_config(cfg: DictConfig, eval_only: bool = False) -> None
     device = str(cfg.train.device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"train.device={device!r} but CUDA is not available: set "
-                         "train.device=cpu (and train.amp.enabled=False)")
-    if cfg.train.amp.enabled:
-        if not device.startswith("cuda"):
-            raise ValueError(
-                f"train.amp.enabled=True needs a CUDA device, but train.device={device!r}: "
-                "Detectron2's AMPTrainer runs fp16 autocast with a CUDA GradScaler. Set "
-                "train.amp.enabled=False to train in fp32 on this device.")
+                         "train.device=cpu")
+    _training_precision(cfg)
     policy = cfg.dataloader.invalid_records
     if policy not in INVALID_RECORD_POLICIES:
         raise ValueError(f"dataloader.invalid_records must be one of {INVALID_RECORD_POLICIES}, "
@@ -411,24 +414,29 @@ def build_lazy_model(cfg: DictConfig) -> torch.nn.Module:
 def build_lazy_train_loop(cfg: DictConfig, model: torch.nn.Module, data_loader,
                           optimizer: torch.optim.Optimizer) -> SimpleTrainer:
     """
-    The loop that runs the iterations, over ``model`` DDP-wrapped when several processes run
-    (:func:`fpn_plugin.engine.ddp.create_ddp_model` with ``train.ddp``; CPU models with gloo
-    too): Detectron2's ``SimpleTrainer``, or its ``AMPTrainer`` (fp16 autocast and a CUDA grad
-    scaler) with ``train.amp.enabled``.
-
-    The one place that sets the model up for training and picks the loop, so another training
-    path (e.g. reduced precision on CPU) replaces this body with one call taking the bare
-    model, the loader, the optimizer and ``train.ddp``. It must return a Detectron2
-    ``TrainerBase`` whose ``model`` is the (wrapped) model and whose ``state_dict`` holds what
-    it adds (e.g. a grad scaler).
+    The loop that runs the iterations: the model set up for ``train.amp`` /
+    ``train.channels_last`` (the YAML entry's fast training path,
+    :func:`fpn_plugin.engine.precision.build_train_loop`), DDP-wrapped when several processes
+    run (``train.ddp``; CPU models with gloo too), in Detectron2's ``SimpleTrainer`` (the
+    plugin's ``GradScalerTrainer`` for fp16). ``loop.model`` is the (wrapped) model.
 
     Args:
         model: the bare model, on ``train.device`` (the optimizer already holds its parameters).
     """
-    model = create_ddp_model(model, **cfg.train.ddp)
-    if cfg.train.amp.enabled:
-        return AMPTrainer(model, data_loader, optimizer)
-    return SimpleTrainer(model, data_loader, optimizer)
+    return build_train_loop(model, data_loader, optimizer, precision=_training_precision(cfg),
+                            channels_last=cfg.train.channels_last, ddp_kwargs=cfg.train.ddp)
+
+
+def _training_precision(cfg: DictConfig) -> str:
+    """"fp32", "bf16" or "fp16" for ``train.amp`` and ``train.channels_last`` on
+    ``train.device`` (errors name those keys)."""
+    amp = cfg.train.amp
+    if not isinstance(amp.enabled, bool):
+        raise ValueError(f"train.amp.enabled must be True or False, got {amp.enabled!r}")
+    device_type = "cuda" if str(cfg.train.device).startswith("cuda") else "cpu"
+    return check_training_precision(
+        amp.precision if amp.enabled else "fp32", device_type, cfg.train.channels_last,
+        keys=("train.amp.precision", "train.channels_last"))
 
 
 def _state_outside_loop(loop, optimizer) -> Dict[str, Any]:
@@ -438,9 +446,7 @@ def _state_outside_loop(loop, optimizer) -> Dict[str, Any]:
     extra: Dict[str, Any] = {}
     if "state_dict" not in SimpleTrainer.__dict__:
         extra["optimizer"] = optimizer
-    if isinstance(loop, AMPTrainer) and "state_dict" not in AMPTrainer.__dict__:
-        extra["grad_scaler"] = loop.grad_scaler
-    return extra
+    return extra  # the fp16 loop (GradScalerTrainer) saves its grad scaler itself
 
 
 class LazyTrainer:

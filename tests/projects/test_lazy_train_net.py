@@ -95,6 +95,28 @@ def test_lazy_demo_trains_resumes_and_evaluates(lazy_train_net, shapes_root, tmp
     assert set(results) == {"bbox", "segm"} and 0 <= results["segm"]["AP"] <= 100
 
 
+def test_amp_on_cpu_trains_with_the_fast_training_path(lazy_train_net, shapes_root, tmp_path,
+                                                      restore_loggers):
+    """train.amp.enabled on CPU: the YAML entry's fast training path (bf16 convolutional
+    components, channels-last with train.channels_last), fp32 weights in the checkpoint."""
+    from fpn_plugin.engine.lazy import build_lazy_model, build_lazy_train_loop, load_lazy_config
+
+    opts = ["train.amp.enabled=True", "train.channels_last=True"]
+    cfg = load_lazy_config(LAZY_DEMO_CONFIG, [*LAZY_TINY_OPTS, *opts,
+                                              f"dataloader.shapes.root={shapes_root}"])
+    model = build_lazy_model(cfg)
+    loop = build_lazy_train_loop(cfg, model, [], torch.optim.SGD(model.parameters(), lr=0.0))
+    assert loop.model is model and model._fpn_plugin_fast_training == ("bf16", True)
+
+    out = tmp_path / "out"
+    lazy_train_net.main(_args(shapes_root, out, "train.max_iter=2", *opts))
+    records = _metrics(out)
+    assert [r["iteration"] for r in records if "total_loss" in r] == [0, 1]
+    assert all(torch.isfinite(torch.tensor(r["total_loss"])) for r in records if "total_loss" in r)
+    weights = torch.load(out / "model_final.pth", weights_only=True)["model"]
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
+
+
 def _expect_exit_2(run, capsys):
     with pytest.raises(SystemExit) as info:
         run()
@@ -106,13 +128,14 @@ def _expect_exit_2(run, capsys):
 
 @pytest.mark.parametrize("opts, expected", [
     (["train.max_iters=3"], "train has no entry 'max_iters'"),
-    (["train.amp.enabled=True"], "train.amp.enabled=True needs a CUDA device"),
+    (["train.amp.enabled=True", "train.amp.precision=fp16"],
+     "train.amp.precision 'fp16' needs a CUDA device"),
     (["dataloader.invalid_records=ignore"], "dataloader.invalid_records must be one of"),
     (["dataloader.shapes.num_train=0"], "dataloader.shapes.num_train must be an integer >= 1"),
     (["train.divergence_factor=0.5"], "train.divergence_factor must be 0 (off)"),
     (["model.backbone.fuse=weighted"], "model: cannot be built from the config"),
     (["model.backbone.fuse_type=product"], "MODEL.FPN.FUSE_TYPE"),
-], ids=["unknown_entry", "amp_on_cpu", "bad_policy", "no_shapes_images", "bad_divergence_factor",
+], ids=["unknown_entry", "fp16_on_cpu", "bad_policy", "no_shapes_images", "bad_divergence_factor",
         "unknown_argument", "bad_component_value"])
 def test_bad_settings_end_with_one_error_line(lazy_train_net, shapes_root, tmp_path, capsys,
                                               restore_loggers, opts, expected):
