@@ -561,11 +561,12 @@ def plot(summary: Dict[str, object], results: Sequence[dict], folder: str) -> Li
                         label=f"Δ {task} AP (95% CI)" if i == 0 else None)
         ax.axvline(0, color="black", lw=1)
         ax.axvline(1.5, color="gray", lw=1, ls="--", label="goal: +1.5 mask AP")
+        ax.set_ylim(-0.6, len(rows) - 0.4)  # rows evenly spaced even when there is one
         ax.set_yticks(range(len(rows)))
         ax.set_yticklabels([("plugin best" if c == BEST else c) for c, _ in reversed(rows)])
         ax.set_xlabel("difference to parity, paired by seed (AP points)")
         ax.set_title(f"{split}: variant - parity")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     paths.append(os.path.join(folder, f"{NAME}.png"))
     fig.savefig(paths[-1], dpi=110)
