@@ -33,7 +33,7 @@ from detectron2.data.samplers import TrainingSampler
 from detectron2.layers import ShapeSpec
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 from detectron2.modeling import BACKBONE_REGISTRY, PROPOSAL_GENERATOR_REGISTRY, build_model
-from detectron2.solver import build_lr_scheduler, build_optimizer
+from detectron2.solver import build_lr_scheduler
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import EventStorage
 
@@ -176,11 +176,30 @@ def build_cfg(args, head, seed, train_name, val_name):
     return cfg, use_plugin
 
 
-def train(cfg, seed):
-    """Plain training loop (no hooks, no checkpoints); returns (model, seconds, last losses)."""
-    seed_all_rng(seed)  # model init, ROI sampling, data augmentation
-    model = build_model(cfg)
-    optimizer = build_optimizer(cfg, model)
+def train(cfg, seed, model=None, on_step=None, precision="fp32"):
+    """
+    Plain training loop (no hooks, no checkpoints); returns (model, seconds, last losses).
+
+    Args:
+        cfg: frozen config (``SOLVER.OPTIMIZER`` picks SGD or AdamW, as the plugin's trainer).
+        seed (int): seeds model init (when ``model`` is None), ROI sampling, the data order
+            and the augmentations.
+        model: an already-built model to train (e.g. with weights copied from another run's
+            model); every RNG is then re-seeded with ``seed`` after building, so two runs with
+            different models still draw the same batches, flips and first ROI samples.
+        on_step: called after each iteration as ``on_step(it, total_loss, losses, batch)``.
+        precision: "fp32", or "bf16" to run the forward under ``torch.autocast`` (weights,
+            gradients and optimizer stay fp32).
+    """
+    from fpn_plugin.engine.trainer import build_optimizer_for
+
+    # Model init, ROI sampling, data augmentation. A given model was built before this, so its
+    # random draws (as many as its modules need) cannot shift the streams below: runs of
+    # different models then start batches, flips and ROI sampling from one state.
+    seed_all_rng(seed)
+    if model is None:
+        model = build_model(cfg)
+    optimizer = build_optimizer_for(cfg, model)
     scheduler = build_lr_scheduler(cfg, optimizer)
     from detectron2.data import DatasetCatalog
 
@@ -188,13 +207,17 @@ def train(cfg, seed):
     loader = build_detection_train_loader(
         cfg, sampler=TrainingSampler(num_images, shuffle=True, seed=seed)
     )
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    device_type = str(cfg.MODEL.DEVICE).split(":")[0]
     model.train()
     start = time.perf_counter()
     last = {}
     with EventStorage(0) as storage:
         for it, batch in zip(range(cfg.SOLVER.MAX_ITER), loader):
             storage.iter = it
-            losses = model(batch)
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                losses = model(batch)
             total = sum(losses.values())
             if not torch.isfinite(total):
                 raise FloatingPointError(f"loss became {total.item()} at iteration {it}: {losses}")
@@ -203,6 +226,8 @@ def train(cfg, seed):
             optimizer.step()
             scheduler.step()
             last = {k: round(v.item(), 4) for k, v in losses.items()}
+            if on_step is not None:
+                on_step(it, total.item(), last, batch)
             if it % 50 == 0 or it == cfg.SOLVER.MAX_ITER - 1:
                 logger.info(f"iter {it}: total {total.item():.3f} {last}")
     return model, time.perf_counter() - start, last

@@ -7,6 +7,11 @@ ones, and every annotation is the polygon of its object's *visible* part. Object
 more than a 4x range, so several pyramid levels get objects. Generation is deterministic in
 ``seed`` (per image, so a larger split starts with the same images as a smaller one).
 
+The same generator makes a harder split (``SHAPES_HARD``, registered as ``shapes_hard_*``):
+smaller objects (``object_size``), more of them (``max_instances``) and unannotated clutter
+under them (``distractors``: rings, strokes and crosses that are no class). With the default
+parameters the dataset is byte for byte what earlier versions generated.
+
 ``ensure_shapes_dataset`` writes ``<root>/<split>/*.jpg`` and ``<root>/<split>.json``, and
 regenerates only when the files are missing or were made with other parameters;
 ``register_shapes_dataset`` makes the splits loadable by name through Detectron2's
@@ -17,14 +22,19 @@ import logging
 import math
 import os
 import time
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 from pycocotools import mask as mask_util
 
+# Object size is the side of its bounding square before rotation; the defaults (and the harder
+# split's values) live with the config keys that expose them.
+from .config import DEFAULT_MAX_INSTANCES, DEFAULT_OBJECT_SIZE, SHAPES_HARD
+
 __all__ = [
     "SHAPE_CLASSES",
+    "SHAPES_HARD",
     "ensure_shapes_dataset",
     "register_shapes_dataset",
     "register_shapes_from_config",
@@ -36,16 +46,14 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SHAPE_CLASSES = ("circle", "rectangle", "triangle", "star")
-# The names configs use for the embedded dataset (register_shapes_from_config).
-SHAPES_DATASET_NAMES = ("shapes_train", "shapes_val")
+# The names configs use for the embedded dataset (register_shapes_from_config): the default
+# split's, then the harder split's (keys under DATASETS.SHAPES.HARD).
+SHAPES_DATASET_NAMES = ("shapes_train", "shapes_val", "shapes_hard_train", "shapes_hard_val")
+_HARD_PREFIX = "shapes_hard"
 # Bumped whenever generation changes, so stale datasets on disk are rebuilt.
 _GENERATOR_VERSION = 2
 _SPLIT_IDS = {"train": 0, "val": 1}
 
-# Object size (the side of its bounding square before rotation), as a fraction of the image
-# side. 0.1-0.5 spans 5x: at 256 px, 26-128 px objects, i.e. strides 4 to 32 all matter.
-_MIN_SIZE_FRAC = 0.1
-_MAX_SIZE_FRAC = 0.5
 # An object must keep this fraction of its area visible, or the scene is re-drawn without it.
 _MIN_VISIBLE_FRAC = 0.5
 # Visible fragments smaller than this (pixels) are not annotated (nor are they meaningful).
@@ -100,6 +108,33 @@ def _has_hole(mask: np.ndarray) -> bool:
     return int(filled.sum()) > int(mask.sum())
 
 
+def _draw_distractors(img: np.ndarray, count: int, object_size, rng) -> None:
+    """
+    Paint ``count`` unannotated clutter items into ``img`` (H, W, 3) float, in place: rings,
+    straight strokes and crosses, sized like the objects. None of them is a filled shape of
+    a class, so a detector must learn to ignore them rather than being taught wrong labels.
+    """
+    size = img.shape[0]
+    lo, hi = object_size
+    for _ in range(count):
+        kind = int(rng.integers(0, 3))
+        side = size * math.exp(rng.uniform(math.log(lo), math.log(hi)))
+        center = rng.uniform(0, size, 2)
+        width = int(rng.integers(1, 3))
+        layer = np.zeros((size, size), np.uint8)
+        cx, cy = (int(round(v)) for v in center)
+        r = max(int(round(side / 2)), 2)
+        if kind == 0:  # an outline circle: a ring, never a filled disc
+            cv2.circle(layer, (cx, cy), max(r, 4), 1, thickness=1)
+        else:
+            a = rng.uniform(0, math.pi)
+            dx, dy = int(round(r * math.cos(a))), int(round(r * math.sin(a)))
+            cv2.line(layer, (cx - dx, cy - dy), (cx + dx, cy + dy), 1, thickness=width)
+            if kind == 2:  # a cross: a second stroke at right angles
+                cv2.line(layer, (cx + dy, cy - dx), (cx - dy, cy + dx), 1, thickness=width)
+        img[layer.astype(bool)] = _random_color(rng)
+
+
 def _random_color(rng) -> np.ndarray:
     hsv = np.uint8([[[rng.integers(0, 180), rng.integers(60, 256), rng.integers(60, 256)]]])
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].astype(np.float32)
@@ -131,7 +166,9 @@ def _background(size: int, rng) -> np.ndarray:
 
 
 def generate_shapes_image(size: int, rng, classes: Sequence[str] = SHAPE_CLASSES,
-                          max_instances: int = 6) -> Tuple[np.ndarray, List[Dict]]:
+                          max_instances: int = DEFAULT_MAX_INSTANCES,
+                          object_size: Tuple[float, float] = DEFAULT_OBJECT_SIZE,
+                          distractors: int = 0) -> Tuple[np.ndarray, List[Dict]]:
     """
     Draw one image and its instances.
 
@@ -140,6 +177,10 @@ def generate_shapes_image(size: int, rng, classes: Sequence[str] = SHAPE_CLASSES
         rng (np.random.Generator): the only source of randomness.
         classes: shape names to draw from (a subset of ``SHAPE_CLASSES``).
         max_instances (int): at most this many objects (at least 1).
+        object_size (tuple[float, float]): smallest and largest object side as fractions of
+            ``size``; sides are log-uniform in between.
+        distractors (int): at most this many unannotated clutter items (uniform in
+            [0, distractors]), painted before the objects so they never hide one.
 
     Returns:
         image (np.ndarray): (size, size, 3) uint8 RGB.
@@ -147,13 +188,15 @@ def generate_shapes_image(size: int, rng, classes: Sequence[str] = SHAPE_CLASSES
         ``classes``) and ``mask`` (size, size) bool of its visible pixels.
     """
     img = _background(size, rng)
+    if distractors:  # no draw at all without clutter: the default images stay as they were
+        _draw_distractors(img, int(rng.integers(0, distractors + 1)), object_size, rng)
     num = int(rng.integers(1, max_instances + 1))
     objects = []  # (class index, full mask, colour)
     for _ in range(num):
         for _attempt in range(20):
             cls = int(rng.integers(0, len(classes)))
             # Log-uniform sizes, so small and large objects are equally common.
-            side = size * math.exp(rng.uniform(math.log(_MIN_SIZE_FRAC), math.log(_MAX_SIZE_FRAC)))
+            side = size * math.exp(rng.uniform(math.log(object_size[0]), math.log(object_size[1])))
             margin = side * 0.3  # may be cut by the border a little
             center = rng.uniform(side / 2 - margin, size - side / 2 + margin, 2)
             outline = _shape_outline(classes[cls], center, side, rng.uniform(0, 2 * math.pi), rng)
@@ -207,10 +250,17 @@ def _mask_to_polygons(mask: np.ndarray) -> List[List[float]]:
 # ---------------------------------------------------------------------------------------------
 # Dataset files
 # ---------------------------------------------------------------------------------------------
-def _params(split, num, image_size, seed, classes, max_instances):
-    return {"generator_version": _GENERATOR_VERSION, "split": split, "num_images": num,
-            "image_size": image_size, "seed": seed, "classes": list(classes),
-            "max_instances": max_instances}
+def _params(split, num, image_size, seed, classes, max_instances, object_size, distractors):
+    params = {"generator_version": _GENERATOR_VERSION, "split": split, "num_images": num,
+              "image_size": image_size, "seed": seed, "classes": list(classes),
+              "max_instances": max_instances}
+    # Recorded only when not the default, so files written before these parameters existed
+    # stay current (and byte-identical); any other value is part of the key and regenerates.
+    if tuple(object_size) != DEFAULT_OBJECT_SIZE:
+        params["object_size"] = [float(v) for v in object_size]
+    if distractors:
+        params["distractors"] = distractors
+    return params
 
 
 def _is_current(json_path: str, image_dir: str, params: dict) -> bool:
@@ -224,14 +274,15 @@ def _is_current(json_path: str, image_dir: str, params: dict) -> bool:
     return all(os.path.isfile(os.path.join(image_dir, im["file_name"])) for im in data["images"])
 
 
-def _generate_split(split, num, image_size, seed, classes, max_instances, json_path, image_dir,
-                    log_every: float = 5.0):
+def _generate_split(split, num, image_size, seed, classes, max_instances, object_size,
+                    distractors, json_path, image_dir, log_every: float = 5.0):
     os.makedirs(image_dir, exist_ok=True)
     images, annotations = [], []
     start = last_log = time.perf_counter()
     for idx in range(num):
         rng = np.random.default_rng([seed, _SPLIT_IDS.get(split, 99), idx])
-        image, instances = generate_shapes_image(image_size, rng, classes, max_instances)
+        image, instances = generate_shapes_image(image_size, rng, classes, max_instances,
+                                                 object_size, distractors)
         file_name = f"{idx:06d}.jpg"
         ok = cv2.imwrite(os.path.join(image_dir, file_name), image[:, :, ::-1],
                          [cv2.IMWRITE_JPEG_QUALITY, 95])
@@ -258,7 +309,8 @@ def _generate_split(split, num, image_size, seed, classes, max_instances, json_p
             logger.info(f"shapes {split}: {idx + 1}/{num} images, ETA {eta:.0f} s")
     data = {
         "info": {"description": "fpn_plugin synthetic shapes",
-                 "fpn_plugin_shapes": _params(split, num, image_size, seed, classes, max_instances)},
+                 "fpn_plugin_shapes": _params(split, num, image_size, seed, classes, max_instances,
+                                              object_size, distractors)},
         "images": images,
         "annotations": annotations,
         "categories": [{"id": i + 1, "name": n, "supercategory": "shape"}
@@ -273,7 +325,9 @@ def _generate_split(split, num, image_size, seed, classes, max_instances, json_p
 def ensure_shapes_dataset(root: str, num_train: int = 400, num_val: int = 100,
                           image_size: int = 256, seed: int = 0,
                           classes: Sequence[str] = SHAPE_CLASSES,
-                          max_instances: int = 6) -> Dict[str, Tuple[str, str]]:
+                          max_instances: int = DEFAULT_MAX_INSTANCES,
+                          object_size: Sequence[float] = DEFAULT_OBJECT_SIZE,
+                          distractors: int = 0) -> Dict[str, Tuple[str, str]]:
     """
     Generate the shapes dataset under ``root`` unless an identical one is already there.
 
@@ -286,6 +340,10 @@ def ensure_shapes_dataset(root: str, num_train: int = 400, num_val: int = 100,
             val use disjoint random streams, so val is held out.
         classes: shape names, a non-empty subset of ``SHAPE_CLASSES`` (order = category ids).
         max_instances (int): objects per image are uniform in [1, max_instances].
+        object_size (tuple[float, float]): smallest and largest object side as fractions of
+            ``image_size``, 0 < min <= max <= 1 (log-uniform in between).
+        distractors (int): unannotated clutter items per image are uniform in
+            [0, distractors] (0: none, the default).
 
     Returns:
         dict: split name ("train", "val") -> (json_path, image_dir).
@@ -296,17 +354,24 @@ def ensure_shapes_dataset(root: str, num_train: int = 400, num_val: int = 100,
         raise ValueError(f"classes must be a non-empty subset of {SHAPE_CLASSES}, got {classes}")
     if max_instances < 1:
         raise ValueError(f"max_instances must be >= 1, got {max_instances}")
+    object_size = tuple(object_size)
+    if len(object_size) != 2 or not 0 < object_size[0] <= object_size[1] <= 1:
+        raise ValueError(f"object_size must be (min, max) with 0 < min <= max <= 1, "
+                         f"got {object_size}")
+    if distractors < 0:
+        raise ValueError(f"distractors must be >= 0, got {distractors}")
     out = {}
     for split, num in (("train", num_train), ("val", num_val)):
         if num < 1:
             raise ValueError(f"num_{split} must be >= 1, got {num}")
         json_path = os.path.join(root, f"{split}.json")
         image_dir = os.path.join(root, split)
-        params = _params(split, num, image_size, seed, classes, max_instances)
+        params = _params(split, num, image_size, seed, classes, max_instances, object_size,
+                         distractors)
         if not _is_current(json_path, image_dir, params):
             logger.info(f"Generating shapes {split} split ({num} images, {image_size} px) in {root}")
-            _generate_split(split, num, image_size, seed, classes, max_instances,
-                            json_path, image_dir)
+            _generate_split(split, num, image_size, seed, classes, max_instances, object_size,
+                            distractors, json_path, image_dir)
         out[split] = (json_path, image_dir)
     return out
 
@@ -344,10 +409,33 @@ def register_shapes_dataset(root: str, prefix: str = "shapes", **kwargs) -> List
     return names
 
 
-def register_shapes_from_config(cfg) -> List[str]:
+def _check_difficulty_keys(node, prefix: str) -> Dict[str, object]:
+    """``ensure_shapes_dataset``'s difficulty arguments from ``node``; errors name the key."""
+    size = node.OBJECT_SIZE
+    if (not isinstance(size, (list, tuple)) or len(size) != 2
+            or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in size)
+            or not 0 < size[0] <= size[1] <= 1):
+        raise ValueError(f"{prefix}.OBJECT_SIZE must be [min, max] fractions of the image side "
+                         f"with 0 < min <= max <= 1, got {size!r}")
+    for key, minimum in (("MAX_INSTANCES", 1), ("DISTRACTORS", 0)):
+        value = node[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{prefix}.{key} must be an integer >= {minimum}, got {value!r}")
+    return {"object_size": tuple(float(v) for v in size), "max_instances": node.MAX_INSTANCES,
+            "distractors": node.DISTRACTORS}
+
+
+def register_shapes_from_config(cfg, dataset_names: Optional[Sequence[str]] = None) -> List[str]:
     """
-    ``register_shapes_dataset`` with the sizes in ``cfg.DATASETS.SHAPES`` (ROOT, NUM_TRAIN,
-    NUM_VAL, IMAGE_SIZE, SEED), as "shapes_train" / "shapes_val".
+    ``register_shapes_dataset`` with the parameters in ``cfg.DATASETS.SHAPES``: the default
+    split as "shapes_train" / "shapes_val" (ROOT, NUM_TRAIN, NUM_VAL, IMAGE_SIZE, SEED,
+    OBJECT_SIZE, MAX_INSTANCES, DISTRACTORS), the harder split as "shapes_hard_train" /
+    "shapes_hard_val" (``DATASETS.SHAPES.HARD``: its own ROOT, OBJECT_SIZE, MAX_INSTANCES,
+    DISTRACTORS; the sizes and SEED are shared).
+
+    Args:
+        dataset_names: the names wanted (default: ``DATASETS.TRAIN`` + ``DATASETS.TEST``); the
+            splits they name are registered, the default split if they name none.
 
     Raises:
         ValueError: naming the ``DATASETS.SHAPES.*`` key whose value is unusable.
@@ -358,29 +446,46 @@ def register_shapes_from_config(cfg) -> List[str]:
     for key, value, minimum in checks:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"DATASETS.SHAPES.{key} must be an integer >= {minimum}, got {value!r}")
-    if not isinstance(s.ROOT, str) or not s.ROOT:
-        raise ValueError(f"DATASETS.SHAPES.ROOT must be a folder path, got {s.ROOT!r}")
-    return register_shapes_dataset(s.ROOT, num_train=s.NUM_TRAIN, num_val=s.NUM_VAL,
-                                   image_size=s.IMAGE_SIZE, seed=s.SEED)
+    if dataset_names is None:
+        dataset_names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
+    wanted = {n for n in dataset_names if n in SHAPES_DATASET_NAMES}
+    hard = any(n.startswith(_HARD_PREFIX) for n in wanted)
+    default = not hard or any(not n.startswith(_HARD_PREFIX) for n in wanted)
+    splits = []  # (key prefix, node, registered-name prefix)
+    if default:
+        splits.append(("DATASETS.SHAPES", s, "shapes"))
+    if hard:
+        splits.append(("DATASETS.SHAPES.HARD", s.HARD, _HARD_PREFIX))
+    plans = []
+    for key_prefix, node, name_prefix in splits:  # every key checked before anything is written
+        if not isinstance(node.ROOT, str) or not node.ROOT:
+            raise ValueError(f"{key_prefix}.ROOT must be a folder path, got {node.ROOT!r}")
+        plans.append((node.ROOT, name_prefix, _check_difficulty_keys(node, key_prefix)))
+    names = []
+    for root, name_prefix, difficulty in plans:
+        names += register_shapes_dataset(root, prefix=name_prefix, num_train=s.NUM_TRAIN,
+                                         num_val=s.NUM_VAL, image_size=s.IMAGE_SIZE,
+                                         seed=s.SEED, **difficulty)
+    return names
 
 
 def register_shapes_if_named(cfg, dataset_names: Sequence[str]) -> bool:
     """
-    ``register_shapes_from_config`` when ``dataset_names`` include "shapes_train" or
-    "shapes_val" that are not registered yet and ``cfg`` has the plugin's ``DATASETS.SHAPES``
-    keys (the dataset is generated if missing). A name the user registered themselves is
-    left alone.
+    ``register_shapes_from_config`` when ``dataset_names`` include names of the embedded
+    dataset (``SHAPES_DATASET_NAMES``) that are not registered yet and ``cfg`` has the
+    plugin's ``DATASETS.SHAPES`` keys (the split is generated if missing). A name the user
+    registered themselves is left alone.
 
     Returns:
         bool: whether the shapes dataset was registered by this call.
     """
     from detectron2.data import DatasetCatalog
 
-    wanted = [n for n in dataset_names if n in SHAPES_DATASET_NAMES]
     registered = DatasetCatalog.list()
-    if not wanted or "SHAPES" not in cfg.DATASETS or all(n in registered for n in wanted):
+    wanted = [n for n in dataset_names if n in SHAPES_DATASET_NAMES and n not in registered]
+    if not wanted or "SHAPES" not in cfg.DATASETS:
         return False
-    register_shapes_from_config(cfg)
+    register_shapes_from_config(cfg, wanted)
     return True
 
 
