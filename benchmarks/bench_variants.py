@@ -491,13 +491,15 @@ def execute(specs: Sequence[RunSpec], settings: Settings, runs_dir: str,
 
 
 def format_markdown(summary: Dict[str, object], results: Sequence[dict], settings: Settings,
-                    best: Sequence[str], command: str) -> str:
-    env = harness.environment()
+                    best: Sequence[str], command: str, env: Optional[Dict[str, str]] = None,
+                    date: Optional[str] = None) -> str:
+    env = env or harness.environment()
+    date = date or time.strftime("%Y-%m-%d")
     cpu_seconds = sum(r.get("run_seconds", 0.0) for r in results)
     lines = [
         f"Command: `{command}`  ",
         "Machine: " + ", ".join(f"{k} {v}" for k, v in env.items()) + "  ",
-        f"Date: {time.strftime('%Y-%m-%d')}",
+        f"Date: {date}",
         "",
         f"Study: {settings.image_size} px shapes, {settings.num_train} train / {settings.num_val} "
         f"held-out images per split; ResNet-18 + FPN width 64 from scratch, AdamW lr "
@@ -536,6 +538,13 @@ def format_markdown(summary: Dict[str, object], results: Sequence[dict], setting
                   "changed modules), with a 95% Student-t interval on those differences "
                   "(n - 1 degrees of freedom); bold: the interval excludes 0."]
     return "\n".join(lines) + "\n"
+
+
+def render(payload):
+    """The markdown of a results payload (``bench_variants.json``), as ``write_outputs`` writes it."""
+    return format_markdown(payload["summary"], payload["runs"], Settings(**payload["settings"]),
+                           payload["plugin_best"], payload["command"], payload["environment"],
+                           payload["date"])
 
 
 def plot(summary: Dict[str, object], results: Sequence[dict], folder: str) -> List[str]:
@@ -599,19 +608,21 @@ def write_outputs(summary, results, settings, best, command, write_results: bool
     """The tables (md + json) and pictures; with ``write_results`` into the tracked files."""
     folder = harness.RESULTS_DIR if write_results else harness.OUTPUT_DIR
     os.makedirs(folder, exist_ok=True)
-    markdown = format_markdown(summary, results, settings, best, command)
     payload = {"command": command, "environment": harness.environment(),
+               "date": time.strftime("%Y-%m-%d"),
                "settings": settings.key(), "plugin_best": list(best), "summary": summary,
                "cpu_seconds": round(sum(r.get("run_seconds", 0.0) for r in results), 1),
                "runs": [{k: r[k] for k in ("split", "config", "seed", "variants", "metrics",
                                            "train_seconds", "eval_seconds", "run_seconds",
                                            "data_fingerprint") if k in r} for r in results]}
+    markdown = render(payload)
     write_json_atomic(os.path.join(folder, f"{NAME}.json"), payload)
     with open(os.path.join(folder, f"{NAME}.md"), "w") as f:
         f.write(markdown)
     pictures = plot(summary, results, folder)
-    if write_results:
-        harness.update_readme_block(readme or harness.README, NAME, markdown)
+    if write_results:  # README's block and any docs page quoting it
+        for doc in ([readme] if readme else harness.markdown_files()):
+            harness.update_readme_block(doc, NAME, markdown)
     print(f"[{NAME}] written: {os.path.join(folder, NAME)}.{{md,json}}, "
           + ", ".join(os.path.basename(p) for p in pictures)
           + (" and README.md" if write_results else " (--write-results: the tracked files)"),

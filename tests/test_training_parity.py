@@ -10,9 +10,9 @@ Random sampling (RPN anchors, ROI proposals) draws from torch's global RNG: each
 starts from the same seed, and after the step both sides must have drawn the same amount
 (equal RNG states), so the sampling calls come in the same order and number.
 
-To add another parity pair (e.g. a LazyConfig twin), add an entry to ``PARITY_PAIRS``: a
-function returning ``(ours, theirs)``, the two models built (each right after
-``torch.manual_seed(0)``) from configs shrunk alike.
+The pairs (``PARITY_PAIRS``): the YAML parity config and the LazyConfig twin of Detectron2's
+``common/models/mask_rcnn_fpn.py``. To add one, add a function returning ``(ours, theirs)``,
+the two models built (each right after ``torch.manual_seed(0)``) from configs shrunk alike.
 """
 import os
 
@@ -68,8 +68,36 @@ def _yaml_pair():
     return tuple(models)
 
 
+def _lazy_pair():
+    """The LazyConfig twin (configs/common/models/mask_rcnn_custom_fpn.py) and Detectron2's
+    common/models/mask_rcnn_fpn.py, shrunk alike (tests/lazy's shrink, plus what TINY does)."""
+    import importlib.util
+
+    from detectron2.config import LazyConfig, instantiate
+
+    from fpn_plugin.lazy_config import plain_data
+
+    spec = importlib.util.spec_from_file_location(
+        "lazy_testutils_for_training_parity", os.path.join(ROOT, "tests", "lazy", "lazy_testutils.py"))
+    lazy_testutils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lazy_testutils)
+    ours = LazyConfig.load(
+        os.path.join(ROOT, "configs", "common", "models", "mask_rcnn_custom_fpn.py")).model
+    theirs = model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
+    models = []
+    for node in (ours, theirs):
+        lazy_testutils.shrink(plain_data(node))  # ShapeSpecs as LazyCalls, so they can shrink
+        bottom_up = node.backbone.bottom_up
+        bottom_up.stem.norm = bottom_up.stages.norm = "BN"  # as TINY: FrozenBN diverges here
+        node.proposal_generator.anchor_generator.sizes = [[8], [16], [32], [64], [128]]
+        node.roi_heads.num_classes = 3
+        torch.manual_seed(0)
+        models.append(instantiate(node))
+    return tuple(models)
+
+
 # name -> () -> (our model, Detectron2's model)
-PARITY_PAIRS = {"yaml_parity_config": _yaml_pair}
+PARITY_PAIRS = {"yaml_parity_config": _yaml_pair, "lazy_config_twin": _lazy_pair}
 
 
 def _optimizer(model):
