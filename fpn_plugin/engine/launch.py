@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.utils import comm
 
-__all__ = ["DEFAULT_TIMEOUT", "call_in_rank_order", "launch", "launch_from_env",
+__all__ = ["DEFAULT_TIMEOUT", "call_in_rank_order", "launch", "launch_entry", "launch_from_env",
            "started_by_torchrun", "detectron2_launch_supports_this_machine"]
 
 logger = logging.getLogger(__name__)
@@ -214,3 +214,23 @@ def call_in_rank_order(fn):
     if comm.get_local_rank() != 0:
         result = fn()
     return result
+
+
+def launch_entry(main_func, args) -> None:
+    """
+    Run ``main_func(args)`` the way a training entry's command line asks (``args`` from
+    Detectron2's ``default_argument_parser``): under torchrun, join the processes it started;
+    otherwise :func:`launch` ``--num-gpus`` processes on each of ``--num-machines`` machines.
+
+    Raises:
+        SystemExit: ``--num-gpus``/``--num-machines`` given under torchrun (its own options set
+            the processes).
+    """
+    if started_by_torchrun():  # torchrun started the processes: join them, spawn nothing
+        if args.num_gpus != 1 or args.num_machines != 1:
+            raise SystemExit("under torchrun, leave --num-gpus/--num-machines at 1: torchrun's "
+                             "--nproc-per-node/--nnodes set the processes")
+        launch_from_env(main_func, args=(args,))
+    else:
+        launch(main_func, args.num_gpus, num_machines=args.num_machines,
+               machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))

@@ -41,20 +41,20 @@ from detectron2.utils.registry import locate
 from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint import SafeDetectionCheckpointer
-from ..data.build import DatasetCheck, InvalidRecordsError, check_datasets, write_invalid_records
+from ..data.build import DatasetCheck, check_datasets
 from ..data.config import INVALID_RECORD_POLICIES
 from ..data.images import DEFAULT_MAX_IMAGE_PIXELS, CheckedMapper
 from ..utils.env import has_compiled_ops
-from ..utils.files import remove_stale_temp_files, safe_file_stem
+from ..utils.files import safe_file_stem
 from .ddp import check_started_alike
 from .precision import build_train_loop, check_training_precision
 from .launch import call_in_rank_order
 from .trainer import (
-    INVALID_RECORDS_FILE,
     _DivergenceGuard,
     _InvalidRecordsMetric,
     _TrainingCurve,
     divergence_reported,
+    prepare_output_and_check_datasets,
 )
 
 __all__ = [
@@ -468,23 +468,8 @@ class LazyTrainer:
         check_lazy_training_config(cfg)
         self.cfg = cfg
         output_dir = cfg.train.output_dir
-        main = comm.is_main_process()
-        if main:
-            os.makedirs(output_dir, exist_ok=True)
-            for path in remove_stale_temp_files(output_dir):
-                logger.info(f"Removed {path}, a partial file left by an interrupted run")
-        report = os.path.join(output_dir, INVALID_RECORDS_FILE)
-        try:
-            self.dataset_check = validate_lazy_datasets(cfg, report_path=report if main else None)
-        except InvalidRecordsError as e:  # the full list goes to the report the message names
-            if main:
-                write_invalid_records(e.problems, report)
-            raise
-        if self.dataset_check.problems and main:
-            write_invalid_records(self.dataset_check.problems, report)
-            logger.warning(f"{len(self.dataset_check.problems)} record(s) of the datasets were "
-                           f"left out ({self.dataset_check.num_skipped} image record(s) with "
-                           f"problems); all are listed in {report}")
+        self.dataset_check = prepare_output_and_check_datasets(
+            output_dir, lambda report_path: validate_lazy_datasets(cfg, report_path=report_path))
         model = build_lazy_model(cfg)
         # The optimizer node's parameter groups read the model (Detectron2's convention).
         optimizer_cfg = copy.deepcopy(cfg.optimizer)

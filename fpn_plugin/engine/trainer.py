@@ -54,6 +54,7 @@ from detectron2.utils import comm
 
 from ..checkpoint import SafeDetectionCheckpointer
 from ..data.build import (
+    DatasetCheck,
     InvalidRecordsError,
     check_invalid_record_policy,
     get_validated_dataset_dicts,
@@ -264,6 +265,34 @@ def divergence_reported(lr_key: str, lr: float) -> Iterator[None]:
         loop_logger.removeFilter(quiet)
 
 
+def prepare_output_and_check_datasets(output_dir: str, validate) -> DatasetCheck:
+    """
+    What both training entries do before building anything: create ``output_dir`` and remove
+    the partial files an interrupted run left there (main process), then validate the datasets
+    with ``validate(report_path)`` (the report path on the main process, else None) and list
+    every problem found in ``output_dir/invalid_records.json``, also when the policy refuses
+    the run (``InvalidRecordsError`` is re-raised after the report is written).
+    """
+    main = comm.is_main_process()
+    if main:
+        os.makedirs(output_dir, exist_ok=True)
+        for path in remove_stale_temp_files(output_dir):
+            logger.info(f"Removed {path}, a partial file left by an interrupted run")
+    report = os.path.join(output_dir, INVALID_RECORDS_FILE)
+    try:
+        check = validate(report if main else None)
+    except InvalidRecordsError as e:  # the full list goes to the report the message names
+        if main:
+            write_invalid_records(e.problems, report)
+        raise
+    if check.problems and main:
+        write_invalid_records(check.problems, report)
+        logger.warning(f"{len(check.problems)} record(s) of the datasets were left out "
+                       f"({check.num_skipped} image record(s) with problems); all are listed "
+                       f"in {report}")
+    return check
+
+
 class Trainer(DefaultTrainer):
     """
     ``DefaultTrainer`` with safe checkpoints, validated datasets, COCO evaluation, mixed
@@ -282,23 +311,8 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         cfg = _with_plugin_defaults(cfg)
         check_training_config(cfg)
-        main = comm.is_main_process()
-        if main:
-            os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-            for path in remove_stale_temp_files(cfg.OUTPUT_DIR):
-                logger.info(f"Removed {path}, a partial file left by an interrupted run")
-        report = os.path.join(cfg.OUTPUT_DIR, INVALID_RECORDS_FILE)
-        try:
-            self.dataset_check = validate_datasets(cfg, report_path=report if main else None)
-        except InvalidRecordsError as e:  # the full list goes to the report the message names
-            if main:
-                write_invalid_records(e.problems, report)
-            raise
-        if self.dataset_check.problems and main:
-            write_invalid_records(self.dataset_check.problems, report)
-            logger.warning(f"{len(self.dataset_check.problems)} record(s) of the datasets were "
-                           f"left out ({self.dataset_check.num_skipped} image record(s) with "
-                           f"problems); all are listed in {report}")
+        self.dataset_check = prepare_output_and_check_datasets(
+            cfg.OUTPUT_DIR, lambda report_path: validate_datasets(cfg, report_path=report_path))
         # DefaultTrainer.__init__ (and PreciseBN) call self.build_train_loader(cfg): hand them
         # the records checked above rather than loading and checking DATASETS.TRAIN again.
         self.build_train_loader = functools.partial(

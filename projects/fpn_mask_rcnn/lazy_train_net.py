@@ -43,7 +43,7 @@ from fpn_plugin.engine.lazy import (
     load_lazy_config,
     register_lazy_datasets,
 )
-from fpn_plugin.engine.launch import launch, launch_from_env, started_by_torchrun
+from fpn_plugin.engine.launch import launch_entry
 from fpn_plugin.engine.setup import default_setup
 from fpn_plugin.utils.cli import exit_on_errors, quiet_third_party_noise
 
@@ -83,17 +83,4 @@ if __name__ == "__main__":
     quiet_third_party_noise()
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
-    if started_by_torchrun():  # torchrun started the processes: join them, spawn nothing
-        if args.num_gpus != 1 or args.num_machines != 1:
-            raise SystemExit("under torchrun, leave --num-gpus/--num-machines at 1: torchrun's "
-                             "--nproc-per-node/--nnodes set the processes")
-        launch_from_env(main, args=(args,))
-    else:
-        launch(
-            main,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-        )
+    launch_entry(main, args)
