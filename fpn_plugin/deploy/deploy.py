@@ -33,6 +33,7 @@ from ..config import with_plugin_defaults
 from ..data.build import load_dataset_records
 from ..data.images import check_max_image_pixels, read_image_checked
 from ..evaluation.coco import check_dataset_registered
+from ..export.export import check_output_dir
 from ..inference import prepare_for_inference
 from ..utils.files import atomic_write_json, remove_quietly, remove_stale_temp_files, \
     temp_path_beside
@@ -93,14 +94,10 @@ def _check_options(fmt: str, method: str, max_images: int, opset: int) -> None:
 
 
 def _check_output_dir(output_dir: str) -> None:
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise DeployError(f"output folder (--output) {output_dir!r} exists and is not a folder")
     try:
-        os.makedirs(output_dir, exist_ok=True)
-    except OSError as e:
-        raise DeployError(f"cannot create the output folder (--output) {output_dir!r}: {e}") from e
-    if not os.access(output_dir, os.W_OK | os.X_OK):
-        raise DeployError(f"output folder (--output) {output_dir!r} is not writable")
+        check_output_dir(output_dir)  # the export's check: the same rules and messages
+    except ValueError as e:
+        raise DeployError(str(e)) from e
 
 
 def _check_weights(weights: Optional[str]) -> str:
