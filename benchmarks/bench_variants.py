@@ -15,11 +15,11 @@ the parity run of that seed:
   fingerprint of every batch it saw (image ids and boxes); the report checks they agree.
 
 Stage 1: parity and each variant family, seeds ``--seeds``. Stage 2: the "plugin best" config,
-the combination of the families whose mean paired mask-AP gain is positive on both splits in
-stage 1 (else the best one), against parity on FRESH seeds ``--best-seeds``, so its interval is
-not flattered by the selection. Reported per split and config: mean and SD of held-out box and
-mask AP, and the mean paired difference to parity with a 95% Student-t interval on the per-seed
-differences (n - 1 degrees of freedom).
+the combination of the families whose paired mask-AP gain is significant (95% interval above
+0) on every stage-1 split (else the best one), against parity on FRESH seeds ``--best-seeds``,
+so its interval is not flattered by the selection. Reported per split and config: mean and SD
+of held-out box and mask AP, and the mean paired difference to parity with a 95% Student-t
+interval on the per-seed differences (n - 1 degrees of freedom).
 
 Each run takes the machine's CPU lock (``--lock``, default /tmp/fpn_cpu.lock, the file
 ``cpulock`` uses) for itself and releases it after, so other jobs interleave: do NOT wrap this
@@ -317,19 +317,21 @@ def summarize(results: Sequence[dict]) -> Dict[str, object]:
 
 def select_best(summary: Dict[str, object], splits: Sequence[str] = SPLITS) -> List[str]:
     """
-    The "plugin best" families from stage 1: those whose mean paired mask-AP difference is
-    positive on every split; if none is, the one with the highest mean over the splits.
+    The "plugin best" families from stage 1: those whose paired mask-AP gain is significant on
+    every split (95% interval above 0); if none is, the one with the highest mean over the
+    splits. A family whose interval contains 0 is as likely to cost AP as to add it, and each
+    one added to the combination adds its noise, so only measured gains are combined.
     """
-    scores = {}
+    means, significant = {}, []
     for name in VARIANTS:
-        diffs = [summary[s]["rows"].get(name, {}).get("mask_diff", {}).get("mean")
-                 for s in splits]
-        if all(d is not None for d in diffs):
-            scores[name] = diffs
-    chosen = [n for n, d in scores.items() if all(x > 0 for x in d)]
-    if not chosen and scores:
-        chosen = [max(scores, key=lambda n: statistics.fmean(scores[n]))]
-    return chosen
+        diffs = [summary[s]["rows"].get(name, {}).get("mask_diff", {}) for s in splits]
+        if all(d.get("mean") is not None for d in diffs):
+            means[name] = statistics.fmean(d["mean"] for d in diffs)
+            if all(d.get("low") is not None and d["low"] > 0 for d in diffs):
+                significant.append(name)
+    if not significant and means:
+        significant = [max(means, key=means.get)]
+    return significant
 
 
 # ---------------------------------------------------------------------------------------------

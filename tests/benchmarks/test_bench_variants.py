@@ -271,3 +271,24 @@ def test_outputs_write_tables_pictures_and_the_readme_block(bv, tmp_path, monkey
     for picture in ("bench_variants.png", "bench_variants_curves.png"):
         with open(tmp_path / "tracked" / picture, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_select_best_combines_only_significant_gains(bv):
+    """A positive mean whose interval contains 0 is noise: it is not combined."""
+    def row(mean, low):
+        return {"mask_diff": {"mean": mean, "low": low}}
+
+    summary = {"shapes_hard": {"rows": {
+        "weighted_fusion": row(2.1, 0.3),   # significant
+        "panet_path": row(0.9, -2.1),       # positive mean, interval contains 0
+        "bilinear": row(1.5, 0.1),          # significant
+        "p3p7": row(-9.7, -12.6)}}}
+    assert bv.select_best(summary, ["shapes_hard"]) == ["weighted_fusion", "bilinear"]
+    # Significant on one split but not the other: not chosen; nothing significant anywhere:
+    # the single family with the best mean over the splits.
+    summary["shapes"] = {"rows": {"weighted_fusion": row(1.0, -0.5), "panet_path": row(0.8, -1.0),
+                                  "bilinear": row(-0.2, -2.0), "p3p7": row(-3.0, -5.0)}}
+    assert bv.select_best(summary, ["shapes_hard", "shapes"]) == ["weighted_fusion"]
+    assert bv.select_best(summary, ["shapes"]) == ["weighted_fusion"]
+    summary["shapes"]["rows"]["weighted_fusion"] = row(-1.0, -3.0)
+    assert bv.select_best(summary, ["shapes_hard", "shapes"]) == ["panet_path"]
