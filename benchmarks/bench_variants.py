@@ -322,16 +322,16 @@ def select_best(summary: Dict[str, object], splits: Sequence[str] = SPLITS) -> L
     splits. A family whose interval contains 0 is as likely to cost AP as to add it, and each
     one added to the combination adds its noise, so only measured gains are combined.
     """
-    means, significant = {}, []
+    means, chosen = {}, []
     for name in VARIANTS:
         diffs = [summary[s]["rows"].get(name, {}).get("mask_diff", {}) for s in splits]
         if all(d.get("mean") is not None for d in diffs):
             means[name] = statistics.fmean(d["mean"] for d in diffs)
             if all(d.get("low") is not None and d["low"] > 0 for d in diffs):
-                significant.append(name)
-    if not significant and means:
-        significant = [max(means, key=means.get)]
-    return significant
+                chosen.append(name)
+    if not chosen and means:
+        chosen = [max(means, key=means.get)]
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------------
