@@ -62,6 +62,9 @@ HOST_MODE_EXTRAS = {
     "pytest": "pytest",
     "xdist": "pytest-xdist",
     "pytest_timeout": "pytest-timeout",
+    "random_order": "pytest-random-order",
+    "hypothesis": "hypothesis",
+    "shapely": "shapely",
 }
 # A version pip accepts in a constraint (PEP 440, local part included); others are left out.
 _PEP440 = re.compile(r"^([0-9]+!)?[0-9]+(\.[0-9]+)*((a|b|rc)[0-9]+)?(\.post[0-9]+)?(\.dev[0-9]+)?"
