@@ -108,7 +108,8 @@ def load_dataset_records(name: str) -> LoadedDataset:
     # and panoptic files have other fields and loaders.
     if not json_file or image_root is None or getattr(meta, "evaluator_type", None) != "coco":
         return LoadedDataset(DatasetCatalog.get(name))
-    scan = scan_coco_json(json_file, image_root, name)
+    scan = scan_coco_json(json_file, image_root, name,
+                          bool(getattr(meta, "images_outside_root", False)))
     if not scan.problems:
         return LoadedDataset(DatasetCatalog.get(name), [], scan.annotation_ids)
     from detectron2.data.datasets import load_coco_json

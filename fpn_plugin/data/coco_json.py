@@ -11,12 +11,13 @@ annotation index and annotation id), so callers can skip or refuse them before l
 
 Pure Python (json only); no Detectron2 state is touched.
 """
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set
 
+from ..io.coco import (ImagePathError, bbox_problem, image_entry_problem, read_coco_json,
+                       resolve_image_path)
 from .validation import InvalidRecord
 
 __all__ = ["CocoJsonScan", "scan_coco_json", "without_images"]
@@ -68,24 +69,8 @@ def _segmentation_problem(segm) -> Optional[str]:
     return None
 
 
-def _load(json_file: str) -> dict:
-    if not os.path.isfile(json_file):
-        raise ValueError(f"COCO annotation file not found: {json_file!r}")
-    try:
-        with open(json_file, encoding="utf-8") as f:
-            data = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"COCO annotation file {json_file!r} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"COCO annotation file {json_file!r} holds a {type(data).__name__}, "
-                         "not an object with 'images', 'annotations' and 'categories'")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key, []), list):
-            raise ValueError(f"COCO annotation file {json_file!r}: '{key}' is not a list")
-    return data
-
-
-def scan_coco_json(json_file: str, image_root: str, dataset: str) -> CocoJsonScan:
+def scan_coco_json(json_file: str, image_root: str, dataset: str,
+                   allow_outside_root: bool = False) -> CocoJsonScan:
     """
     Check a COCO instances file for what Detectron2's loader or pycocotools would drop
     silently or fail on.
@@ -94,14 +79,17 @@ def scan_coco_json(json_file: str, image_root: str, dataset: str) -> CocoJsonSca
         json_file (str): the COCO JSON.
         image_root (str): its image folder (for the file names in the report).
         dataset (str): dataset name, for the report.
+        allow_outside_root (bool): accept image file names that are absolute or climb out of
+            ``image_root`` with ``..`` (the dataset's metadata ``images_outside_root``).
 
     Returns:
         CocoJsonScan: the parsed data and the problems.
 
     Raises:
-        ValueError: the file is missing, not JSON, or not shaped like a COCO file.
+        CocoSchemaError (a ValueError): the file is missing, not JSON, or not shaped like a
+            COCO file (``fpn_plugin.io.read_coco_json``).
     """
-    data = _load(json_file)
+    data = read_coco_json(json_file)
     scan = CocoJsonScan(data)
     where = f"in {json_file}"
 
@@ -123,6 +111,14 @@ def scan_coco_json(json_file: str, image_root: str, dataset: str) -> CocoJsonSca
         images[image["id"]] = image
         if not isinstance(image.get("file_name"), str) or not image["file_name"]:
             report(image, None, None, "image entry without 'file_name'")
+        else:
+            try:
+                resolve_image_path(image_root, image["file_name"], allow_outside_root)
+            except ImagePathError as e:
+                report(image, None, None, str(e))
+        reason = image_entry_problem(image)
+        if reason:
+            report(image, None, None, reason)
     categories = {c.get("id") for c in data.get("categories", []) if isinstance(c, dict)}
 
     seen_ids: Set[object] = set()
@@ -150,8 +146,9 @@ def scan_coco_json(json_file: str, image_root: str, dataset: str) -> CocoJsonSca
         if anno.get("ignore", 0):
             report(image, index, anno_id, "the 'ignore' flag is set, which Detectron2 does not "
                                           "support")
-        if "bbox" in anno and (not isinstance(anno["bbox"], list) or len(anno["bbox"]) != 4):
-            report(image, index, anno_id, f"bbox {anno['bbox']!r} is not [x, y, width, height]")
+        reason = bbox_problem(anno["bbox"]) if "bbox" in anno else None
+        if reason:
+            report(image, index, anno_id, reason)
         if "segmentation" in anno:
             reason = _segmentation_problem(anno["segmentation"])
             if reason:

@@ -76,7 +76,7 @@ RESULTS_FILE = "coco_instances_results.json"
 IMAGES_FILE = "images.json"
 SUMMARY_FILE = "summary.json"
 LOCK_FILE = ".export.lock"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 # Sub-folders the export writes into (where stale temporary files are looked for).
 _SUBFOLDERS = ("instance_maps", "overlays", "instance_masks", "coco_eval")
 

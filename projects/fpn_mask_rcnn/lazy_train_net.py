@@ -56,7 +56,7 @@ TRAINING_ERRORS = (FloatingPointError, ImageFileError, CheckpointError)
 def setup(args):
     """The config from the file and overrides, checked; plus Detectron2's default_setup (log
     files, ``config.yaml`` in ``train.output_dir``, seed ``train.seed``)."""
-    cfg = load_lazy_config(args.config_file, args.opts)
+    cfg = load_lazy_config(args.config_file, args.opts, getattr(args, "allow_target_prefix", ()))
     check_lazy_training_config(cfg, eval_only=args.eval_only)
     default_setup(cfg, args)
     return cfg
@@ -68,7 +68,7 @@ def main(args):
         register_lazy_datasets(cfg)
         if args.eval_only:
             model = build_lazy_model(cfg)
-            SafeDetectionCheckpointer(model, save_dir=cfg.train.output_dir).resume_or_load(
+            SafeDetectionCheckpointer(model, cfg.train.output_dir, strict=True).resume_or_load(
                 cfg.train.init_checkpoint, resume=args.resume)
         else:
             trainer = LazyTrainer(cfg)
@@ -81,6 +81,9 @@ def main(args):
 
 if __name__ == "__main__":
     quiet_third_party_noise()
-    args = default_argument_parser().parse_args()
+    parser = default_argument_parser()
+    parser.add_argument("--allow-target-prefix", action="append", default=[], metavar="MODULE",
+                        help="also allow a .yaml config's _target_ under MODULE (repeatable)")
+    args = parser.parse_args()
     print("Command Line Args:", args)
     launch_entry(main, args)

@@ -71,7 +71,7 @@ def main(args):
         register_datasets(cfg)
         if args.eval_only:
             model = Trainer.build_model(cfg)
-            SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR, strict=True).resume_or_load(
                 cfg.MODEL.WEIGHTS, resume=args.resume)
         else:
             trainer = Trainer(cfg)
