@@ -107,10 +107,15 @@ def _flatten(node, prefix: str = "") -> Dict[str, object]:
         for key, value in node.items():
             out.update(_flatten(value, f"{prefix}{key}."))
         return out
-    if isinstance(node, tuple):
-        node = list(node)
-    out[prefix[:-1]] = node
+    out[prefix[:-1]] = _lists(node)
     return out
+
+
+def _lists(value):
+    """Tuples as lists, at any depth (a YAML file holds lists where the config has tuples)."""
+    if isinstance(value, (list, tuple)):
+        return [_lists(v) for v in value]
+    return value
 
 
 def check_resume_compatible(cfg, resume: bool) -> None:
