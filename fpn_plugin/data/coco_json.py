@@ -45,6 +45,11 @@ class CocoJsonScan:
         return {p.image_id for p in self.problems if p.image_id is not None}
 
 
+def _is_id(value) -> bool:
+    """COCO ids are integers (pycocotools sorts them; Detectron2 hashes them)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _finite_numbers(values) -> bool:
     try:
         return all(math.isfinite(float(v)) for v in values)
@@ -100,9 +105,9 @@ def scan_coco_json(json_file: str, image_root: str, dataset: str,
 
     images: Dict[object, dict] = {}
     for i, image in enumerate(data.get("images", [])):
-        if not isinstance(image, dict) or "id" not in image:
+        if not isinstance(image, dict) or not _is_id(image.get("id")):
             scan.problems.append(InvalidRecord(dataset, "?", None, None,
-                                               f"images[{i}] has no 'id' ({where})"))
+                                               f"images[{i}] has no integer 'id' ({where})"))
             continue
         if image["id"] in images:
             report(image, None, None, f"image id {image['id']!r} appears twice; COCO tools "
@@ -128,7 +133,7 @@ def scan_coco_json(json_file: str, image_root: str, dataset: str,
                 dataset, "?", None, None, f"annotations[{position}] is not an object ({where})"))
             continue
         anno_id = anno.get("id")
-        image = images.get(anno.get("image_id"))
+        image = images.get(anno.get("image_id")) if _is_id(anno.get("image_id")) else None
         ids = scan.annotation_ids.setdefault(anno.get("image_id"), []) if image else None
         index = len(ids) if ids is not None else None
         if ids is not None:
@@ -137,10 +142,13 @@ def scan_coco_json(json_file: str, image_root: str, dataset: str,
             report(None, None, anno_id, f"annotation id {anno_id!r} refers to image_id "
                                         f"{anno.get('image_id')!r}, which is not among the images")
             continue
-        if anno_id in seen_ids:
+        if not _is_id(anno_id) and not isinstance(anno_id, str):
+            report(image, index, None, f"annotation id {anno_id!r:.40} is not an integer")
+            anno_id = None
+        elif anno_id in seen_ids:
             report(image, index, anno_id, f"annotation id {anno_id!r} is not unique")
         seen_ids.add(anno_id)
-        if anno.get("category_id") not in categories:
+        if not _is_id(anno.get("category_id")) or anno["category_id"] not in categories:
             report(image, index, anno_id, f"category_id {anno.get('category_id')!r} (annotation "
                                           f"id {anno_id}) is not among the categories")
         if anno.get("ignore", 0):
@@ -161,10 +169,11 @@ def without_images(data: dict, image_ids: Set[object]) -> dict:
     of images that do not exist. (An image id that appears twice is among the problems the
     scan reports, so both of its entries go.)"""
     kept = [im for im in data.get("images", [])
-            if isinstance(im, dict) and "id" in im and im["id"] not in image_ids]
+            if isinstance(im, dict) and _is_id(im.get("id")) and im["id"] not in image_ids]
     kept_ids = {im["id"] for im in kept}
     out = dict(data)
     out["images"] = kept
     out["annotations"] = [a for a in data.get("annotations", [])
-                          if isinstance(a, dict) and a.get("image_id") in kept_ids]
+                          if isinstance(a, dict) and _is_id(a.get("image_id"))
+                          and a["image_id"] in kept_ids]
     return out

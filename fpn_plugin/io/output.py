@@ -29,8 +29,9 @@ _NAMED = 5
 
 
 class OutputFolderError(ValueError):
-    """A write the output folder refuses: outside it, through a symlinked folder, over a
-    file it does not own, or into a path that is a file."""
+    """A write the output folder refuses: outside it, through a symlinked folder, onto a
+    folder, into a path that is a file; or a folder holding files the plugin did not create
+    where only its own may be (:meth:`OutputFolder.require_own`)."""
 
 
 class OutputFolder:
@@ -94,13 +95,17 @@ class OutputFolder:
         if create_folders:
             os.makedirs(self.path, exist_ok=True)
         self._check_folders(rel, create_folders)
-        return os.path.join(self.path, *rel.split("/"))
+        path = os.path.join(self.path, *rel.split("/"))
+        if os.path.isdir(path):
+            raise OutputFolderError(f"output folder {self.path}: {rel} is a folder, not a file")
+        return path
 
     def subfolder(self, name: str) -> str:
         """A checked subfolder (created), e.g. for a writer that names its own files."""
         rel = self._relative(name)
-        path = self.file(rel + "/_")  # checks and creates every folder of ``rel``
-        return os.path.dirname(path)
+        os.makedirs(self.path, exist_ok=True)
+        self._check_folders(rel + "/_", create=True)  # checks and creates every folder of rel
+        return os.path.join(self.path, *rel.split("/"))
 
     # -- writing ---------------------------------------------------------------------------
     def open(self, name: str, mode: str = "wb", durable: bool = True):
