@@ -36,7 +36,6 @@ from fpn_plugin.checkpoint import CheckpointError, SafeDetectionCheckpointer
 from fpn_plugin.config import load_config
 from fpn_plugin.data.images import ImageFileError
 from fpn_plugin.engine import Trainer
-from fpn_plugin.engine.ddp import check_resumed_alike
 from fpn_plugin.engine.launch import call_in_rank_order, launch_entry
 from fpn_plugin.engine.setup import default_setup
 from fpn_plugin.utils.cli import exit_on_errors, quiet_third_party_noise
@@ -75,8 +74,7 @@ def main(args):
                 cfg.MODEL.WEIGHTS, resume=args.resume)
         else:
             trainer = Trainer(cfg)
-            trainer.resume_or_load(resume=args.resume)
-            check_resumed_alike(trainer)
+            trainer.resume_or_load(resume=args.resume)  # checks that every rank resumed alike
     with exit_on_errors(*TRAINING_ERRORS):
         if args.eval_only:
             res = Trainer.test(cfg, model)

@@ -279,9 +279,9 @@ def test_divergence_guard_names_the_iteration_and_the_learning_rate():
     from detectron2.utils.events import EventStorage
 
     from fpn_plugin.engine import TrainingDivergedError
-    from fpn_plugin.engine.trainer import _DivergenceGuard
+    from fpn_plugin.engine.hooks import DivergenceGuard
 
-    guard = _DivergenceGuard(factor=100.0, base_lr=100.0)
+    guard = DivergenceGuard(factor=100.0, base_lr=100.0)
     # Start ~4; one spike of 5000 at iteration 6 passes (the guard looks at 5-iteration
     # medians); the blow-up from iteration 9 on is caught once most of the window is above
     # 100 x 3.8 (the lowest of the first 5).
@@ -303,7 +303,7 @@ def test_divergence_guard_names_the_iteration_and_the_learning_rate():
 
     # A learning rate far too high blows the loss up from the first step: the start's loss
     # (the lowest of the first 5) is the reference, so this is caught at the 5th iteration.
-    guard = _DivergenceGuard(factor=100.0, base_lr=100.0)
+    guard = DivergenceGuard(factor=100.0, base_lr=100.0)
     with EventStorage(0) as storage:
         guard.trainer = SimpleNamespace(storage=storage, iter=0)
         with pytest.raises(TrainingDivergedError, match="iteration 4"):
