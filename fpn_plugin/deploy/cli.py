@@ -21,7 +21,12 @@ import sys
 import warnings
 from typing import List, Optional
 
-from ..utils.cli import EXIT_BAD_INPUT, log_to_stderr, quiet_third_party_noise
+from ..utils.cli import (
+    EXIT_BAD_INPUT,
+    apply_device_option,
+    log_to_stderr,
+    quiet_third_party_noise,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -74,7 +79,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     quiet_third_party_noise()
     args = build_parser().parse_args(argv)
     from ..checkpoint import CheckpointError
-    from ..export.cli import setup_cfg
+    from ..config import load_config
     from .compare import Tolerances
     from .deploy import deploy_model
 
@@ -85,7 +90,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             # code, checked by the comparison that follows.
             warnings.simplefilter("ignore")
             tolerances = Tolerances(args.box_tolerance, args.score_tolerance, args.mask_tolerance)
-            cfg = setup_cfg(args.config_file, args.opts, args.device)
+            cfg = load_config(args.config_file, args.opts, freeze=False)
+            apply_device_option(cfg, args.device)
             summary = deploy_model(
                 cfg, args.weights, output_dir=args.output, fmt=args.fmt, method=args.method,
                 dataset=args.dataset, image_dir=args.images, max_images=args.max_images,

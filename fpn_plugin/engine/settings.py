@@ -14,15 +14,14 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
-
 from ..data.build import check_invalid_record_policy
 from ..data.images import check_max_image_pixels
+from ..utils.env import check_cuda_available
 from .config import AMP_PRECISIONS
 from .precision import check_training_precision
 
-__all__ = ["LAZY_KEYS", "YAML_KEYS", "SettingKeys", "check_cuda_available",
-           "check_precision_settings", "check_training_settings", "lazy_reader", "yaml_reader"]
+__all__ = ["LAZY_KEYS", "YAML_KEYS", "SettingKeys", "check_precision_settings",
+           "check_training_settings", "lazy_reader", "yaml_reader"]
 
 Reader = Callable[[str], Any]
 
@@ -73,13 +72,6 @@ def lazy_reader(cfg) -> Reader:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_cuda_available(device: str, key: str) -> None:
-    """Raise a ``ValueError`` naming ``key`` when ``device`` is a CUDA device and this machine
-    has none (the one place the plugin says so)."""
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"{key} is {str(device)!r} but CUDA is not available; use cpu")
 
 
 def check_precision_settings(read: Reader, keys: SettingKeys) -> str:

@@ -20,7 +20,12 @@ import os
 import sys
 from typing import List, Optional
 
-from ..utils.cli import EXIT_BAD_INPUT, log_to_stderr, quiet_third_party_noise
+from ..utils.cli import (
+    EXIT_BAD_INPUT,
+    apply_device_option,
+    log_to_stderr,
+    quiet_third_party_noise,
+)
 
 __all__ = ["build_parser", "main", "setup_cfg"]
 
@@ -63,18 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_cfg(config_file: str, opts: List[str], device: Optional[str] = None):
-    """``fpn_plugin.config.load_config`` + the device choice; frozen."""
-    import torch
-
+    """``fpn_plugin.config.load_config`` + the ``--device`` choice; frozen."""
     from ..config import load_config
 
     cfg = load_config(config_file, opts, freeze=False)
-    if device:
-        cfg.MODEL.DEVICE = device
-    elif str(cfg.MODEL.DEVICE).startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("MODEL.DEVICE is %r but CUDA is not available: running on cpu",
-                       cfg.MODEL.DEVICE)
-        cfg.MODEL.DEVICE = "cpu"
+    apply_device_option(cfg, device)
     cfg.freeze()
     return cfg
 
@@ -88,7 +86,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ..checkpoint import CheckpointError
     from ..data.shapes import register_shapes_if_named
     from ..evaluation import build_coco_evaluator
-    from .export import check_output_dir, export_masks
+    from ..utils.paths import check_output_dir
+    from .export import export_masks
 
     try:
         if args.register_coco:

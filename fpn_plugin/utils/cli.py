@@ -7,15 +7,21 @@ What the command-line entries share: a quiet terminal and one way to end on a cl
 - :func:`log_to_stderr`: INFO lines of fpn_plugin and Detectron2 on stderr.
 - :func:`exit_on_errors`: the listed exception types end the command with exit status 2 and
   one line ``error: <message>`` on stderr, without a traceback.
+- :func:`apply_device_option`: the ``--device`` option of the inference entries.
 """
 import contextlib
 import logging
 import os
 import sys
 import warnings
-from typing import Iterator, Tuple, Type
+from typing import Iterator, Optional, Tuple, Type
 
-__all__ = ["EXIT_BAD_INPUT", "exit_on_errors", "log_to_stderr", "quiet_third_party_noise"]
+from .env import cuda_missing
+
+__all__ = ["EXIT_BAD_INPUT", "apply_device_option", "exit_on_errors", "log_to_stderr",
+           "quiet_third_party_noise"]
+
+logger = logging.getLogger(__name__)
 
 EXIT_BAD_INPUT = 2
 
@@ -80,3 +86,17 @@ def exit_on_errors(*errors: Type[BaseException]) -> Iterator[None]:
     except caught as e:
         print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_BAD_INPUT) from None
+
+
+def apply_device_option(cfg, device: Optional[str]) -> None:
+    """
+    ``--device`` of the inference entries, on an unfrozen config: ``MODEL.DEVICE = device``
+    when given; else a CUDA ``MODEL.DEVICE`` on a machine without CUDA becomes "cpu", with a
+    warning (a config written for GPUs still runs here).
+    """
+    if device:
+        cfg.MODEL.DEVICE = device
+    elif cuda_missing(cfg.MODEL.DEVICE):
+        logger.warning("MODEL.DEVICE is %r and this machine has no CUDA: running on cpu",
+                       cfg.MODEL.DEVICE)
+        cfg.MODEL.DEVICE = "cpu"
