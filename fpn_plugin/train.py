@@ -29,7 +29,7 @@ naming the flag, key, file or id, without a traceback. ``projects/fpn_mask_rcnn/
 """
 import argparse
 import os
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 __all__ = ["CONFIG_KINDS", "ConfigFile", "build_parser", "cli", "main", "resolve_config_file",
            "train_lazy", "train_yaml"]
@@ -115,66 +115,83 @@ def _register_yaml_datasets(cfg) -> None:
     call_in_rank_order(lambda: register_shapes_from_config(cfg))
 
 
-def train_yaml(args):
-    """One process of a YAML-config run (``args`` from :func:`build_parser`)."""
-    from detectron2.evaluation import verify_results
-    from detectron2.utils import comm
+class _Entry(NamedTuple):
+    """What differs between the YAML and the LazyConfig entry (each a function of the config,
+    imported when a run starts)."""
 
+    setup: Callable  # args -> config: loaded, checked, logs set up, datasets registered
+    trainer: Callable  # config -> trainer
+    build_model: Callable  # config -> model (--eval-only)
+    weights: Callable  # config -> (weights to load, checkpoint folder)
+    evaluate: Callable  # (config, model) -> results
+
+
+def _run(entry: _Entry, args):
     from .checkpoint import SafeDetectionCheckpointer
-    from .config import load_config
-    from .engine import Trainer
-    from .engine.setup import default_setup
     from .utils.cli import exit_on_errors
 
     with exit_on_errors(*_start_errors()):
-        cfg = load_config(args.config_file, args.opts)
-        default_setup(cfg, args)
-        _register_yaml_datasets(cfg)
+        cfg = entry.setup(args)
         if args.eval_only:
-            model = Trainer.build_model(cfg)
-            SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-                cfg.MODEL.WEIGHTS, resume=args.resume)
+            model = entry.build_model(cfg)
+            weights, output_dir = entry.weights(cfg)
+            SafeDetectionCheckpointer(model, save_dir=output_dir).resume_or_load(
+                weights, resume=args.resume)
         else:
-            trainer = Trainer(cfg)
+            trainer = entry.trainer(cfg)
             trainer.resume_or_load(resume=args.resume)  # checks that every rank resumed alike
     with exit_on_errors(*_training_errors()):
-        if args.eval_only:
-            res = Trainer.test(cfg, model)
-            if comm.is_main_process():
-                verify_results(cfg, res)
-            return res
-        return trainer.train()
+        return entry.evaluate(cfg, model) if args.eval_only else trainer.train()
+
+
+def _setup_yaml(args):
+    from .config import load_config
+    from .engine.setup import default_setup
+
+    cfg = load_config(args.config_file, args.opts)
+    default_setup(cfg, args)
+    _register_yaml_datasets(cfg)
+    return cfg
+
+
+def _evaluate_yaml(cfg, model):
+    from detectron2.evaluation import verify_results
+    from detectron2.utils import comm
+
+    from .engine import Trainer
+
+    results = Trainer.test(cfg, model)
+    if comm.is_main_process():
+        verify_results(cfg, results)
+    return results
+
+
+def train_yaml(args):
+    """One process of a YAML-config run (``args`` from :func:`build_parser`)."""
+    from .engine import Trainer
+
+    return _run(_Entry(_setup_yaml, Trainer, Trainer.build_model,
+                       lambda cfg: (cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR), _evaluate_yaml), args)
+
+
+def _setup_lazy(args):
+    from .engine.lazy import check_lazy_training_config, load_lazy_config, register_lazy_datasets
+    from .engine.setup import default_setup
+
+    cfg = load_lazy_config(args.config_file, args.opts)
+    check_lazy_training_config(cfg, eval_only=args.eval_only)
+    default_setup(cfg, args)  # log files, config.yaml in train.output_dir, seed
+    register_lazy_datasets(cfg)
+    return cfg
 
 
 def train_lazy(args):
     """One process of a LazyConfig run (``args`` from :func:`build_parser`)."""
-    from .checkpoint import SafeDetectionCheckpointer
-    from .engine.lazy import (
-        LazyTrainer,
-        build_lazy_model,
-        check_lazy_training_config,
-        load_lazy_config,
-        register_lazy_datasets,
-    )
-    from .engine.setup import default_setup
-    from .utils.cli import exit_on_errors
+    from .engine.lazy import LazyTrainer, build_lazy_model
 
-    with exit_on_errors(*_start_errors()):
-        cfg = load_lazy_config(args.config_file, args.opts)
-        check_lazy_training_config(cfg, eval_only=args.eval_only)
-        default_setup(cfg, args)  # log files, config.yaml in train.output_dir, seed
-        register_lazy_datasets(cfg)
-        if args.eval_only:
-            model = build_lazy_model(cfg)
-            SafeDetectionCheckpointer(model, save_dir=cfg.train.output_dir).resume_or_load(
-                cfg.train.init_checkpoint, resume=args.resume)
-        else:
-            trainer = LazyTrainer(cfg)
-            trainer.resume_or_load(resume=args.resume)  # checks that every rank resumed alike
-    with exit_on_errors(*_training_errors()):
-        if args.eval_only:
-            return LazyTrainer.test(cfg, model)
-        return trainer.train()
+    return _run(_Entry(_setup_lazy, LazyTrainer, build_lazy_model,
+                       lambda cfg: (cfg.train.init_checkpoint, cfg.train.output_dir),
+                       LazyTrainer.test), args)
 
 
 _ENTRIES = {"yaml": train_yaml, "lazy": train_lazy}
