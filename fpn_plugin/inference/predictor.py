@@ -22,8 +22,10 @@ from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 
 from ..checkpoint import CheckpointError, SafeDetectionCheckpointer, split_checkpoint_query
+from ..utils.config import with_missing_keys
 from ..utils.env import check_cuda_available
 from . import prepare_for_inference
+from .config import add_inference_config
 
 __all__ = ["Predictor", "build_test_resize", "check_weights", "resize_for_model"]
 
@@ -70,7 +72,8 @@ class Predictor:
     path; then ``predictor(image)`` returns the model's output for one image.
 
     Args:
-        cfg (CfgNode): a config with the plugin's keys (``MODEL.DEVICE`` is where it runs).
+        cfg (CfgNode): the model's config (``MODEL.DEVICE`` is where it runs); without the
+            plugin's ``MODEL.FAST_INFERENCE`` keys, their defaults (fp32).
         weights (str): checkpoint file or URL; None uses ``MODEL.WEIGHTS``.
 
     Attributes:
@@ -79,6 +82,7 @@ class Predictor:
     """
 
     def __init__(self, cfg, weights: Optional[str] = None):
+        cfg = with_missing_keys(cfg, (add_inference_config,))
         check_cuda_available(cfg.MODEL.DEVICE)
         self.weights = check_weights(weights or cfg.MODEL.WEIGHTS)
         self.model = build_model(cfg)

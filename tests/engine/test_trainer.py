@@ -376,3 +376,19 @@ def test_skip_warnings_reach_the_log_file(tmp_path, datasets, restore_loggers):
     Trainer(cfg)
     log = (tmp_path / "log.txt").read_text()
     assert "skipping 1 of" in log and "gone.jpg" in log
+
+
+def test_building_and_training_leaves_detectron2_as_it_was(tmp_path, datasets):
+    import detectron2.engine.defaults as d2_defaults
+    from detectron2.engine import DefaultTrainer
+
+    before = (dict(vars(d2_defaults)), dict(vars(DefaultTrainer)))
+    cfg = tiny_cfg(tmp_path, [datasets["train"]], max_iter=1)
+    cfg.SOLVER.AMP.ENABLED = True  # the plugin's loop, where DefaultTrainer makes AMPTrainer
+    trainer = Trainer(cfg)
+    assert (dict(vars(d2_defaults)), dict(vars(DefaultTrainer))) == before
+    assert "build_model" not in vars(trainer) and "build_train_loader" not in vars(trainer)
+    assert trainer.precision == "bf16" and trainer.checkpointer.model is trainer.model
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    assert (dict(vars(d2_defaults)), dict(vars(DefaultTrainer))) == before
