@@ -96,7 +96,7 @@ def _check_options(fmt: str, method: str, max_images: int, opset: int) -> None:
 
 def _check_output_dir(output_dir: str) -> None:
     try:
-        check_output_dir(output_dir)  # the export's check: the same rules and messages
+        check_output_dir(output_dir)  # the entries' one check: the same rules and messages
     except ValueError as e:
         raise DeployError(str(e)) from e
 
