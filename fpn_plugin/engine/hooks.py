@@ -97,7 +97,8 @@ class TrainingCurve(HookBase):
         if not os.path.isfile(metrics):
             return
         try:
-            path = plot_training_curve(metrics, os.path.join(self._output_dir, "training_curve.png"))
+            picture = os.path.join(self._output_dir, "training_curve.png")
+            path = plot_training_curve(metrics, picture)
             logger.info(f"Training curve written to {path}")
         except Exception as e:  # a plot must never turn a finished training into a failure
             logger.warning(f"Could not draw the training curve: {e}")

@@ -30,8 +30,8 @@ into one folder at once. The JSON files are also fsynced; the many small per-ima
 not (a power loss, unlike a crash of the process, may lose the last few of them).
 
 The steps: :func:`plan_export` checks everything that can be checked before the model is built
-(:class:`ExportPlan`); :class:`fpn_plugin.inference.predictor.Predictor` runs the model; :class:`ImageOutputWriter` writes one
-:class:`ImageResult`'s files.
+(:class:`ExportPlan`); :class:`fpn_plugin.inference.predictor.Predictor` runs the model;
+:class:`ImageOutputWriter` writes one :class:`ImageResult`'s files.
 """
 import logging
 import math
