@@ -141,3 +141,54 @@ def test_nothing_of_detectron2_is_rebound_or_deleted(path, tree):
 @pytest.mark.parametrize("path,tree", SOURCES, ids=[p for p, _ in SOURCES])
 def test_no_function_is_longer_than_60_lines(path, tree):
     assert long_functions(tree) == []
+
+
+def _plugin_imports(path: str, tree: ast.Module):
+    """The ``fpn_plugin`` modules ``path`` imports (relative imports resolved; module-level and
+    function-level alike)."""
+    package = os.path.dirname(path).replace(os.sep, ".")  # e.g. fpn_plugin.deploy
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "fpn_plugin")
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            if module.split(".")[0] == "fpn_plugin":
+                found.add(module)
+                found.update(f"{module}.{a.name}" for a in node.names)
+    return found
+
+
+# package -> modules it must never import: export and deploy stand side by side, and nothing
+# below the entries imports fpn_plugin.config (which imports every package's keys).
+_FORBIDDEN = {
+    "fpn_plugin.deploy": ("fpn_plugin.export", "fpn_plugin.train"),
+    "fpn_plugin.export": ("fpn_plugin.deploy", "fpn_plugin.train"),
+    "fpn_plugin.engine": ("fpn_plugin.config", "fpn_plugin.lazy_config", "fpn_plugin.train",
+                          "fpn_plugin.export", "fpn_plugin.deploy"),
+    "fpn_plugin.inference": ("fpn_plugin.config", "fpn_plugin.engine", "fpn_plugin.train",
+                             "fpn_plugin.export", "fpn_plugin.deploy"),
+    "fpn_plugin.utils": ("fpn_plugin.config", "fpn_plugin.engine", "fpn_plugin.inference",
+                         "fpn_plugin.export", "fpn_plugin.deploy", "fpn_plugin.checkpoint",
+                         "fpn_plugin.data"),
+}
+
+
+def test_the_import_check_resolves_relative_imports():
+    tree = ast.parse("from ..export.export import x\nfrom . import y\nimport fpn_plugin.config\n")
+    assert _plugin_imports(os.path.join("fpn_plugin", "deploy", "deploy.py"), tree) >= {
+        "fpn_plugin.export.export", "fpn_plugin.deploy.y", "fpn_plugin.config"}
+
+
+@pytest.mark.parametrize("path,tree", SOURCES, ids=[p for p, _ in SOURCES])
+def test_imports_point_down_the_layers(path, tree):
+    package = os.path.dirname(path).replace(os.sep, ".")
+    forbidden = next((v for k, v in _FORBIDDEN.items()
+                      if package == k or package.startswith(k + ".")), ())
+    wrong = sorted(m for m in _plugin_imports(path, tree)
+                   if any(m == f or m.startswith(f + ".") for f in forbidden))
+    assert wrong == []
