@@ -274,7 +274,8 @@ class MaskScoringHead(BaseMaskRCNNHead):
         rows = torch.arange(logits.shape[0], device=logits.device)
         ious = self.maskiou_head(x, logits[rows, classes].unsqueeze(1).sigmoid())
         ious = ious[rows, classes]
-        num_per_image = [len(i) for i in instances]
+        # Shapes, not len(): a trace keeps them as values (other detection counts work).
+        num_per_image = [i.pred_classes.shape[0] for i in instances]
         for per_image, iou in zip(instances, ious.split(num_per_image)):
             per_image.mask_scores = rescore_masks(per_image.scores, iou)
         return instances
