@@ -18,8 +18,7 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.modeling.roi_heads.mask_head import MaskRCNNConvUpsampleHead, build_mask_head
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
-from jit_testutils import scripted_with_instances, scripting_with_instances, torchscript_patch, trace
-from model_testutils import tiny_mask_rcnn_cfg as plugin_mask_rcnn_cfg
+from jit_testutils import scripted_with_instances, torchscript_patch, trace
 from mask_head_testutils import (
     BOXES,
     inference_instances,
@@ -240,29 +239,6 @@ def test_whole_model_trains_and_predicts_mask_scores():
     torch.manual_seed(0)
     plain = build_model(tiny_mask_rcnn_cfg("ConvUpsampleMaskHead"))
     assert plugin_fields(plain) == MASK_RCNN_FIELDS
-
-
-def test_whole_model_with_bifpn_and_mask_scoring_scripts_and_equals_eager():
-    torchscript_patch().patch_nonscriptable_classes()
-    cfg = plugin_mask_rcnn_cfg(components="plugin")
-    cfg.merge_from_list(["MODEL.ROI_MASK_HEAD.NAME", "MaskScoringHead",
-                         "MODEL.FPN.BIFPN.ENABLED", True, "MODEL.FPN.FUSE_TYPE", "weighted"])
-    torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    assert type(model.backbone).__name__ == "BiFPN"
-    fields = plugin_fields(model)
-    assert fields == dict(MASK_RCNN_FIELDS, mask_scores=torch.Tensor)
-    scripted = scripting_with_instances(model, fields)
-    image = torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(1)) * 255
-    with torch.no_grad():
-        want = model.inference([{"image": image}], do_postprocess=False)[0]
-        got = scripted.inference([{"image": image}], do_postprocess=False)[0]
-    assert len(want) > 0
-    assert torch.equal(got.pred_boxes.tensor, want.pred_boxes.tensor)
-    assert torch.equal(got.scores, want.scores)
-    assert torch.equal(got.pred_classes, want.pred_classes)
-    assert torch.equal(got.pred_masks, want.pred_masks)
-    assert torch.equal(got.mask_scores, want.mask_scores)
 
 
 def _rle(mask):
