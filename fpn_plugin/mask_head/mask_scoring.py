@@ -282,7 +282,8 @@ class MaskScoringHead(BaseMaskRCNNHead):
 
     @torch.jit.unused
     def _losses(self, x: Tensor, logits: Tensor, instances: List[Instances]):
-        losses = {"loss_mask": mask_rcnn_loss(logits, instances, self.vis_period) * self.loss_weight}
+        loss_mask = mask_rcnn_loss(logits, instances, self.vis_period) * self.loss_weight
+        losses = {"loss_mask": loss_mask}
         classes, targets = mask_iou_targets(logits, instances)
         rows = torch.arange(logits.shape[0], device=logits.device)
         mask_probs = logits.detach()[rows, classes].unsqueeze(1).sigmoid()
