@@ -114,15 +114,7 @@ def scan_coco_json(json_file: str, image_root: str, dataset: str,
                                       "would keep only the last entry")
             continue
         images[image["id"]] = image
-        if not isinstance(image.get("file_name"), str) or not image["file_name"]:
-            report(image, None, None, "image entry without 'file_name'")
-        else:
-            try:
-                resolve_image_path(image_root, image["file_name"], allow_outside_root)
-            except ImagePathError as e:
-                report(image, None, None, str(e))
-        reason = image_entry_problem(image)
-        if reason:
+        for reason in _image_problems(image, image_root, allow_outside_root):
             report(image, None, None, reason)
     categories = {c.get("id") for c in data.get("categories", []) if isinstance(c, dict)}
 
@@ -148,20 +140,37 @@ def scan_coco_json(json_file: str, image_root: str, dataset: str,
         elif anno_id in seen_ids:
             report(image, index, anno_id, f"annotation id {anno_id!r} is not unique")
         seen_ids.add(anno_id)
-        if not _is_id(anno.get("category_id")) or anno["category_id"] not in categories:
-            report(image, index, anno_id, f"category_id {anno.get('category_id')!r} (annotation "
-                                          f"id {anno_id}) is not among the categories")
-        if anno.get("ignore", 0):
-            report(image, index, anno_id, "the 'ignore' flag is set, which Detectron2 does not "
-                                          "support")
-        reason = bbox_problem(anno["bbox"]) if "bbox" in anno else None
-        if reason:
+        for reason in _annotation_problems(anno, anno_id, categories):
             report(image, index, anno_id, reason)
-        if "segmentation" in anno:
-            reason = _segmentation_problem(anno["segmentation"])
-            if reason:
-                report(image, index, anno_id, reason)
     return scan
+
+
+def _image_problems(image: dict, image_root: str, allow_outside_root: bool) -> List[str]:
+    problems = []
+    if not isinstance(image.get("file_name"), str) or not image["file_name"]:
+        problems.append("image entry without 'file_name'")
+    else:
+        try:
+            resolve_image_path(image_root, image["file_name"], allow_outside_root)
+        except ImagePathError as e:
+            problems.append(str(e))
+    reason = image_entry_problem(image)
+    return problems + ([reason] if reason else [])
+
+
+def _annotation_problems(anno: dict, anno_id, categories: Set[object]) -> List[str]:
+    problems = []
+    if not _is_id(anno.get("category_id")) or anno["category_id"] not in categories:
+        problems.append(f"category_id {anno.get('category_id')!r} (annotation id {anno_id}) is "
+                        "not among the categories")
+    if anno.get("ignore", 0):
+        problems.append("the 'ignore' flag is set, which Detectron2 does not support")
+    for reason in (bbox_problem(anno["bbox"]) if "bbox" in anno else None,
+                   _segmentation_problem(anno["segmentation"]) if "segmentation" in anno
+                   else None):
+        if reason:
+            problems.append(reason)
+    return problems
 
 
 def without_images(data: dict, image_ids: Set[object]) -> dict:
