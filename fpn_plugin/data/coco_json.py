@@ -46,8 +46,8 @@ class CocoJsonScan:
 
 
 def _is_id(value) -> bool:
-    """COCO ids are integers (pycocotools sorts them; Detectron2 hashes them)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An id Detectron2 can hash and pycocotools can sort: an integer or a string."""
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
 
 
 def _finite_numbers(values) -> bool:
@@ -107,7 +107,12 @@ def scan_coco_json(json_file: str, image_root: str, dataset: str,
     for i, image in enumerate(data.get("images", [])):
         if not isinstance(image, dict) or not _is_id(image.get("id")):
             scan.problems.append(InvalidRecord(dataset, "?", None, None,
-                                               f"images[{i}] has no integer 'id' ({where})"))
+                                               f"images[{i}] has no integer or string 'id' "
+                                               f"({where})"))
+            continue
+        if images and type(image["id"]) is not type(next(iter(images))):
+            report(image, None, None, f"image id {image['id']!r} is a {type(image['id']).__name__}"
+                                      " while the first image's is not (pycocotools sorts ids)")
             continue
         if image["id"] in images:
             report(image, None, None, f"image id {image['id']!r} appears twice; COCO tools "
@@ -134,8 +139,9 @@ def scan_coco_json(json_file: str, image_root: str, dataset: str,
             report(None, None, anno_id, f"annotation id {anno_id!r} refers to image_id "
                                         f"{anno.get('image_id')!r}, which is not among the images")
             continue
-        if not _is_id(anno_id) and not isinstance(anno_id, str):
-            report(image, index, None, f"annotation id {anno_id!r:.40} is not an integer")
+        if not _is_id(anno_id):
+            report(image, index, None, f"annotation id {anno_id!r:.40} is neither an integer "
+                                       "nor a string")
             anno_id = None
         elif anno_id in seen_ids:
             report(image, index, anno_id, f"annotation id {anno_id!r} is not unique")

@@ -121,3 +121,15 @@ def test_demo_with_an_output_dir_that_is_a_file_exits_2(tmp_path, capsys):
         demo.main(["--output-dir", str(path)])
     assert e.value.code == 2 and path.read_text() == "mine"
     assert "is an existing file" in capsys.readouterr().err
+
+
+def test_export_refuses_a_symlinked_overlays_folder_before_the_model(tmp_path):
+    from fpn_plugin.export.export import ExportOptions, ImageOutputWriter
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (tmp_path / "out").mkdir()
+    os.symlink(victim, tmp_path / "out" / "overlays")
+    with pytest.raises(OutputFolderError, match="overlays is a symlink"):
+        ImageOutputWriter(str(tmp_path / "out"), ExportOptions(), "BGR")
+    assert os.listdir(victim) == []
