@@ -14,7 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 ENTRIES = sorted(
     glob.glob(os.path.join(ROOT, "projects", "*", "*.py"))
     + glob.glob(os.path.join(ROOT, "fpn_plugin", "*", "cli.py"))
-    + glob.glob(os.path.join(ROOT, "fpn_plugin", "*", "__main__.py")))
+    + glob.glob(os.path.join(ROOT, "fpn_plugin", "*", "__main__.py"))
+    + [os.path.join(ROOT, "fpn_plugin", "train.py")])
 
 # module attribute calls that read untrusted files or write/delete files directly
 FORBIDDEN = {
