@@ -20,6 +20,10 @@ from detectron2.utils.registry import Registry
 LOGGER_NAMES = ("", "detectron2", "fpn_plugin", "fvcore", "d2")
 _MODULE_PREFIXES = ("fpn_plugin", "detectron2")
 _PYTEST_ENV = ("PYTEST_CURRENT_TEST",)  # pytest rewrites it at every phase
+# Set by library code the tests call, not by the tests: restored after each test, not reported.
+# PYTHONHASHSEED: Detectron2's seed_all_rng (every training); KINETO_LOG_LEVEL: torch, when
+# torch.profiler is first imported.
+_LIBRARY_ENV = ("PYTHONHASHSEED", "KINETO_LOG_LEVEL")
 
 
 def _plugin_modules() -> Dict[str, object]:
@@ -124,7 +128,9 @@ def differences(before: GlobalState, after: GlobalState) -> List[str]:
                            ("MetadataCatalog", before.metadata, after.metadata)):
         changes += [f"{what}: {n!r} left registered" for n in sorted(set(new) - set(old))]
         changes += [f"{what}: {n!r} removed" for n in sorted(set(old) - set(new))]
-    changes += _dict_changes("os.environ", before.environ, after.environ)
+    changes += _dict_changes("os.environ",
+                             {k: v for k, v in before.environ.items() if k not in _LIBRARY_ENV},
+                             {k: v for k, v in after.environ.items() if k not in _LIBRARY_ENV})
     if after.cwd != before.cwd:
         changes.append(f"working directory changed: {before.cwd} -> {after.cwd}")
     changes += _dict_changes("torch", before.torch_flags, after.torch_flags)
