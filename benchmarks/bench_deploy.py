@@ -183,7 +183,8 @@ def rerender(path: str) -> str:
         payload = json.load(f)
     head = payload["notes"].split("\n\nDeployed vs eager", 1)[0]
     payload["notes"] = f"{head}\n\n{verdicts(payload['checks'])}"
-    harness.write_payload("bench_deploy", payload, harness.render(payload), write_results=True)
+    harness.write_payload("bench_deploy", payload, harness.render(payload), write_results=True,
+                          measured_now=False)
     return payload["notes"]
 
 
