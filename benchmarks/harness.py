@@ -338,7 +338,8 @@ def save(name: str, rows: List[Dict[str, object]], command: str,
 
 
 def write_payload(name: str, payload: Dict[str, object], markdown: str,
-                  write_results: bool = False, measured_now: bool = True) -> str:
+                  write_results: bool = False, measured_now: bool = True,
+                  indent: int = 2) -> str:
     """
     Write ``payload`` as ``<name>.json`` and ``markdown`` (its rendering) as ``<name>.md`` to
     ``output/benchmarks/``, or with ``write_results`` to the tracked ``benchmarks/results/``
@@ -351,7 +352,7 @@ def write_payload(name: str, payload: Dict[str, object], markdown: str,
     folder = RESULTS_DIR if write_results else OUTPUT_DIR
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"{name}.json"), "w") as f:
-        json.dump(payload, f, indent=2)
+        json.dump(payload, f, indent=indent)
         f.write("\n")
     with open(os.path.join(folder, f"{name}.md"), "w") as f:
         f.write(markdown)
@@ -436,7 +437,10 @@ def mark_stale_results() -> List[str]:
     for path in sorted(glob.glob(os.path.join(RESULTS_DIR, "*.json"))):
         name = os.path.splitext(os.path.basename(path))[0]
         with open(path) as f:
-            payload = json.load(f)
+            text = f.read()
+        payload = json.loads(text)
+        lines = text.splitlines()
+        indent = len(lines[1]) - len(lines[1].lstrip(" ")) if len(lines) > 1 else 2
         reason = staleness(name, payload)
         if reason == payload.get("stale"):
             continue
@@ -452,7 +456,8 @@ def mark_stale_results() -> List[str]:
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             markdown = module.render(payload)
-        write_payload(name, payload, markdown, write_results=True, measured_now=False)
+        write_payload(name, payload, markdown, write_results=True, measured_now=False,
+                      indent=indent or 2)
     return stale
 
 
