@@ -201,6 +201,8 @@ def provenance() -> Dict[str, object]:
 # the commit it records (tests/benchmarks/test_provenance.py). Each benchmark's script is
 # measured too.
 MEASURED_PATHS = {
+    "bench_cpu_kinds": ["fpn_plugin/inference", "fpn_plugin/utils/precision.py", "fpn_plugin/neck",
+                        "fpn_plugin/rpn", "fpn_plugin/mask_head", "configs/Demo"],
     "bench_demo": ["fpn_plugin", "projects/fpn_mask_rcnn/demo.py", "configs/Demo"],
     "bench_demo_precision": ["fpn_plugin/engine", "fpn_plugin/inference", "configs/Demo"],
     "bench_deploy": ["fpn_plugin/deploy", "fpn_plugin/neck", "fpn_plugin/rpn",
