@@ -6,6 +6,12 @@
 PYTHON ?= python3
 VENV_PY := .venv/bin/python
 PYTEST_ARGS ?=
+# One shuffled pass: modules in a random order, tests shuffled inside each module (module-scoped
+# fixtures are built once). The seed is printed in the header ("Using --random-order-seed=N");
+# rerun an order with `make test PYTEST_ARGS=--random-order-seed=N`, or keep file order with
+# `make test TEST_ORDER=`. Tests needing the network are skipped unless PYTEST_ARGS has
+# --run-network (CI runs them in their own step, see .ci/run).
+TEST_ORDER ?= --random-order-bucket=module
 DEMO_ARGS ?=
 SETUP_ARGS ?=
 
@@ -15,7 +21,7 @@ setup:
 	@$(PYTHON) tools/env/setup_env.py $(SETUP_ARGS)
 
 test: setup
-	$(VENV_PY) -m pytest tests $(PYTEST_ARGS)
+	$(VENV_PY) -m pytest tests $(TEST_ORDER) $(PYTEST_ARGS)
 
 # The CPU demo: generates the embedded shapes dataset, trains, evaluates, exports masks and
 # writes overlays + the training curve under output/demo (see docs/training.md).

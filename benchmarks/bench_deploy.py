@@ -31,6 +31,7 @@ and 100 detections with masks. With --weights (a trained model) nothing is chang
 """
 import argparse
 import copy
+import json
 import os
 import sys
 import tempfile
@@ -87,6 +88,9 @@ def parse_args(argv=None):
     p.add_argument("--no-detectron2-reference", dest="reference", action="store_false",
                    help="skip the row of Detectron2's own model")
     harness.add_output_arguments(p)
+    p.add_argument("--rerender", action="store_true",
+                   help="only rewrite the tracked results' notes and verdict table from "
+                        "benchmarks/results/bench_deploy.json (no model is run)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs")
     return p.parse_args(argv)
 
@@ -137,9 +141,59 @@ def eager(model, image):
     return run
 
 
+# Why a form fails the deploy tolerances, by how it was made (shown next to its FAIL).
+FAILURE_CAUSES = {
+    "trace": ("traced: above 4000 box coordinates torchvision's batched_nms loops per class in "
+              "eager but a trace records its offset-coordinates variant, which keeps other "
+              "boxes where this random model's scores tie (docs/deploy.md, Limits; Detectron2's "
+              "own trace fails the same way; `--method script` avoids it)"),
+    "onnx": ("exported from a trace, so the same NMS difference as the traced forms "
+             "(docs/deploy.md, Limits)"),
+}
+
+
+def _cause(name: str) -> str:
+    kind = "onnx" if "onnx" in name.lower() else "trace" if "trace" in name.lower() else None
+    return FAILURE_CAUSES.get(kind, "cause not established: see the check's numbers")
+
+
+def verdicts(checks) -> str:
+    """The deployed-vs-eager check of every form as a table: PASS/FAIL against the deploy
+    tolerances (fpn_plugin.deploy.Tolerances), the numbers behind it, and for a FAIL its cause."""
+    lines = ["Deployed vs eager detections on the timed image (the deploy command's check):", "",
+             "| form | verdict | paired / eager | unpaired | largest box diff (px) | "
+             "largest score diff | why |", "|---|---|---|---|---|---|---|"]
+    for name, c in checks.items():
+        ok = c["within_tolerances"]
+        verdict = "PASS, bit-identical" if c["bitwise_equal"] else "PASS" if ok else "**FAIL**"
+        lines.append(f"| {name} | {verdict} | {c['paired']}/{c['eager_detections']} | "
+                     f"{c['unpaired']} | {c['max_box_diff']:.2g} | {c['max_score_diff']:.2g} | "
+                     f"{'' if ok else _cause(name)} |")
+    failed = [n for n, c in checks.items() if not c["within_tolerances"]]
+    lines += ["", (f"{len(failed)} of {len(checks)} forms fail: their timings are of models that "
+                   f"do not give eager's detections on this input." if failed else
+                   "Every form passes.")]
+    return "\n".join(lines)
+
+
+def rerender(path: str) -> str:
+    """Rewrite a results payload's notes (verdict table included) from its own checks, without
+    re-running it; returns the new notes."""
+    with open(path) as f:
+        payload = json.load(f)
+    head = payload["notes"].split("\n\nDeployed vs eager", 1)[0]
+    payload["notes"] = f"{head}\n\n{verdicts(payload['checks'])}"
+    harness.write_payload("bench_deploy", payload, harness.render(payload), write_results=True,
+                          measured_now=False)
+    return payload["notes"]
+
+
 def main(argv=None):
     quiet_third_party_noise()
     args = parse_args(argv)
+    if args.rerender:
+        print(rerender(os.path.join(harness.RESULTS_DIR, "bench_deploy.json")))
+        return
     with exit_on_errors(ValueError, FileNotFoundError, CheckpointError):
         run(args, argv)
 
@@ -188,16 +242,10 @@ def run(args, argv=None):
 
     workload = ("weights " + args.weights if args.weights else
                 "random weights (seed 0) with a trained model's workload (see the script)")
-    checks = "; ".join(
-        f"{name}: " + ("bit-identical" if c["bitwise_equal"] else
-                       f"{c['paired']}/{c['eager_detections']} paired, largest box diff "
-                       f"{c['max_box_diff']:.2g} px, score {c['max_score_diff']:.2g}")
-        for name, c in CHECKS.items())
     notes = (f"Model {os.path.relpath(args.config_file, ROOT)}, input {args.size[0]}x"
              f"{args.size[1]}, one image per call, {args.threads} threads; {workload}. "
              f"A = the first form named, B = the second. ONNX Runtime: "
-             f"{onnx_note or 'CPUExecutionProvider'}.\n\nDeployed vs eager detections on the "
-             f"timed image: {checks}.")
+             f"{onnx_note or 'CPUExecutionProvider'}.\n\n{verdicts(CHECKS)}")
     command = "python benchmarks/bench_deploy.py " + " ".join(
         sys.argv[1:] if argv is None else argv)
     print(harness.save("bench_deploy", rows, command.strip(),

@@ -6,13 +6,15 @@ on the same inputs and weights, after warm-up, alternating the two in ABBA order
 (thermal, other load) hit both equally. Reported figures are medians with the interquartile
 range; ratios are A/B (below 1.0 means the plugin is faster or leaner).
 """
+import glob
 import json
 import os
 import platform
 import re
 import statistics
 import time
-from dataclasses import asdict, dataclass
+import subprocess
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -43,11 +45,13 @@ class Timing:
     q3: float
     minimum: float
     samples: int
+    raw: List[float] = field(default_factory=list)  # every repeat's seconds, in order
 
     @classmethod
     def of(cls, seconds: List[float]) -> "Timing":
         qs = statistics.quantiles(seconds, n=4) if len(seconds) > 1 else [seconds[0]] * 3
-        return cls(statistics.median(seconds), qs[0], qs[2], min(seconds), len(seconds))
+        return cls(statistics.median(seconds), qs[0], qs[2], min(seconds), len(seconds),
+                   list(seconds))
 
     @property
     def spread(self) -> float:
@@ -155,6 +159,97 @@ def environment() -> Dict[str, str]:
     return info
 
 
+# CPU features that change kernel choice (oneDNN's AVX-512/AMX paths, bf16 support).
+_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "fma")
+
+
+def cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return " ".join(flag for flag in _CPU_FLAGS if flag in have) or "none"
+    except OSError:
+        pass
+    return "unknown"
+
+
+def _git(*args: str) -> Optional[str]:
+    try:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def provenance() -> Dict[str, object]:
+    """When and from what code a result was measured: the date and time (UTC), the commit and
+    whether the tree had uncommitted changes, the machine with its CPU flags."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "commit": _git("rev-parse", "HEAD"),
+        "dirty": None if status is None else bool(status),
+        "hostname": platform.node(),
+        "cpu_flags": cpu_flags(),
+    }
+
+
+# The files whose code each result measures: a result is stale when any of them changed after
+# the commit it records (tests/benchmarks/test_provenance.py). Each benchmark's script is
+# measured too.
+MEASURED_PATHS = {
+    "bench_cpu_kinds": ["fpn_plugin/inference", "fpn_plugin/utils/precision.py", "fpn_plugin/neck",
+                        "fpn_plugin/rpn", "fpn_plugin/mask_head", "configs/Demo"],
+    "bench_demo": ["fpn_plugin", "projects/fpn_mask_rcnn/demo.py", "configs/Demo"],
+    "bench_demo_precision": ["fpn_plugin/engine", "fpn_plugin/inference", "configs/Demo"],
+    "bench_deploy": ["fpn_plugin/deploy", "fpn_plugin/neck", "fpn_plugin/rpn",
+                     "fpn_plugin/mask_head", "fpn_plugin/inference"],
+    "bench_export": ["fpn_plugin/export", "fpn_plugin/evaluation"],
+    "bench_fast_path": ["fpn_plugin/inference", "fpn_plugin/neck", "fpn_plugin/rpn"],
+    "bench_mask_heads_timing": ["fpn_plugin/mask_head", "fpn_plugin/layers"],
+    "bench_rpn": ["fpn_plugin/rpn"],
+    "bench_variants": ["fpn_plugin/neck", "fpn_plugin/rpn", "fpn_plugin/mask_head",
+                       "fpn_plugin/layers", "fpn_plugin/engine", "fpn_plugin/data"],
+    "models_cpu": ["fpn_plugin/neck", "fpn_plugin/rpn", "fpn_plugin/mask_head",
+                   "fpn_plugin/layers"],
+    "train_cpu": ["fpn_plugin/engine", "fpn_plugin/neck", "fpn_plugin/rpn",
+                  "fpn_plugin/mask_head", "fpn_plugin/layers"],
+}
+_SCRIPT_OF = {"models_cpu": "bench_models", "train_cpu": "bench_train",
+              "bench_mask_heads_timing": "bench_mask_heads"}
+
+
+def measured_paths(name: str) -> List[str]:
+    script = f"benchmarks/{_SCRIPT_OF.get(name, name)}.py"
+    return MEASURED_PATHS[name] + [script, "benchmarks/harness.py"]
+
+
+def staleness(name: str, payload: Dict[str, object]) -> Optional[str]:
+    """Why ``payload`` (results ``name``) no longer measures the current code, or None. Raises
+    RuntimeError where git cannot tell (no repository)."""
+    last = _git("log", "-1", "--format=%H", "--", *measured_paths(name))
+    if not last:
+        raise RuntimeError("no git history to compare the results' commit with")
+    commit = (payload.get("provenance") or {}).get("commit")
+    if not commit:
+        return (f"measured on {payload.get('date')} before results recorded their commit; the "
+                f"code it measures last changed in {last[:10]}")
+    if _git("merge-base", "--is-ancestor", last, commit) is None:
+        return (f"measured at {commit[:10]}; the code it measures changed after it "
+                f"({last[:10]})")
+    return None
+
+
+def stale_banner(payload: Dict[str, object]) -> str:
+    """The line a stale result's markdown starts with (empty for a current one)."""
+    reason = payload.get("stale")
+    return (f"**Stale, re-run pending**: {reason}. Re-run: `{payload['command']}`.\n\n"
+            if reason else "")
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -245,17 +340,21 @@ def save(name: str, rows: List[Dict[str, object]], command: str,
 
 
 def write_payload(name: str, payload: Dict[str, object], markdown: str,
-                  write_results: bool = False) -> str:
+                  write_results: bool = False, measured_now: bool = True,
+                  indent: int = 2) -> str:
     """
     Write ``payload`` as ``<name>.json`` and ``markdown`` (its rendering) as ``<name>.md`` to
     ``output/benchmarks/``, or with ``write_results`` to the tracked ``benchmarks/results/``
     and the ``<!-- bench:<name> -->`` blocks of README.md and docs/*.md. Returns the markdown.
     Scripts with their own table format call this with their own ``render(payload)``.
     """
+    if measured_now:  # a re-render of an old result keeps the provenance it has (or none)
+        payload.setdefault("provenance", provenance())
+    markdown = stale_banner(payload) + markdown
     folder = RESULTS_DIR if write_results else OUTPUT_DIR
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"{name}.json"), "w") as f:
-        json.dump(payload, f, indent=2)
+        json.dump(payload, f, indent=indent)
         f.write("\n")
     with open(os.path.join(folder, f"{name}.md"), "w") as f:
         f.write(markdown)
@@ -328,3 +427,47 @@ if __name__ == "__main__":
     # `python benchmarks/harness.py`: the README/docs blocks from the tracked results files.
     for line in refresh_blocks() or ["every block already equals its results file"]:
         print(line)
+
+
+def mark_stale_results() -> List[str]:
+    """Sets (or clears) every tracked result's ``stale`` reason from git and re-renders it
+    (its .md and its README/docs blocks), so a stale figure says so where it is shown.
+    Returns the names of the stale results."""
+    import importlib.util
+
+    stale = []
+    for path in sorted(glob.glob(os.path.join(RESULTS_DIR, "*.json"))):
+        name = os.path.splitext(os.path.basename(path))[0]
+        with open(path) as f:
+            text = f.read()
+        payload = json.loads(text)
+        lines = text.splitlines()
+        indent = len(lines[1]) - len(lines[1].lstrip(" ")) if len(lines) > 1 else 2
+        reason = staleness(name, payload)
+        if reason == payload.get("stale"):
+            continue
+        payload.pop("stale", None)
+        if reason:
+            payload["stale"] = reason
+            stale.append(name)
+        if isinstance(payload.get("rows"), list) and "labels" in payload:
+            markdown = render(payload)
+        else:
+            script = os.path.join(ROOT, "benchmarks", f"{_SCRIPT_OF.get(name, name)}.py")
+            spec = importlib.util.spec_from_file_location(f"_render_{name}", script)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            markdown = module.render(payload)
+        write_payload(name, payload, markdown, write_results=True, measured_now=False,
+                      indent=indent or 2)
+    return stale
+
+
+if __name__ == "__main__":
+    # python benchmarks/harness.py --mark-stale: after code changes (or a merge), mark the
+    # tracked results that predate the code they measure.
+    import sys
+
+    if sys.argv[1:] != ["--mark-stale"]:
+        sys.exit("usage: python benchmarks/harness.py --mark-stale")
+    print("stale:", ", ".join(mark_stale_results()) or "none")

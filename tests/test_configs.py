@@ -6,6 +6,7 @@ component names, and the parity config reproduces Detectron2's detections with i
 import glob
 import os
 
+import numpy as np
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -192,10 +193,10 @@ def _calibrate_frozen_bn(model, inputs):
         h.remove()
 
 
-def test_parity_config_loads_detectron2_checkpoint_and_gives_same_detections(tmp_path):
-    """Detectron2's mask_rcnn_R_50_FPN_1x weights in our parity config: same outputs."""
-    from detectron2.checkpoint import DetectionCheckpointer
-
+def _random_detectron2_mask_rcnn():
+    """Detectron2's own R50-FPN Mask R-CNN (the zoo config of our parity config) with seeded
+    random weights (biases made non-zero, FrozenBN statistics calibrated), an input image, and
+    our parity config with the same test settings."""
     zoo = _zoo_cfg(ZOO_TWINS["COCO-InstanceSegmentation/mask_rcnn_R_50_custom_fpn_1x.yaml"])
     ours = load_cfg("COCO-InstanceSegmentation/mask_rcnn_R_50_custom_fpn_1x.yaml")
     for cfg in (zoo, ours):
@@ -214,17 +215,10 @@ def test_parity_config_loads_detectron2_checkpoint_and_gives_same_detections(tmp
     # ... and FrozenBN statistics that keep a randomly initialized ResNet's activations in
     # range (untouched, they grow ~1e4 and leave the RPN with a couple of proposals).
     _calibrate_frozen_bn(reference, inputs)
-    ckpt = str(tmp_path / "d2_mask_rcnn_R_50_FPN.pth")
-    torch.save({"model": reference.state_dict()}, ckpt)
-    model = build_model(ours).eval()
-    # Same parameter names and shapes: a strict load of Detectron2's state dict succeeds ...
-    model.load_state_dict(torch.load(ckpt)["model"], strict=True)
-    # ... and the checkpointer users call loads the file the same way.
-    model = build_model(ours).eval()
-    DetectionCheckpointer(model).load(ckpt)
-    for name, value in reference.state_dict().items():
-        assert torch.equal(model.state_dict()[name], value), name
+    return reference, inputs, ours
 
+
+def _assert_same_detections(reference, model, inputs):
     with torch.no_grad():
         expected = reference(inputs)[0]["instances"]
         actual = model(inputs)[0]["instances"]
@@ -236,3 +230,58 @@ def test_parity_config_loads_detectron2_checkpoint_and_gives_same_detections(tmp
     assert torch.equal(actual.pred_classes, expected.pred_classes)
     assert torch.equal(actual.pred_masks, expected.pred_masks)
     assert expected.pred_masks.any()
+
+
+def test_parity_config_loads_a_random_detectron2_mask_rcnn_state_dict_with_same_detections(
+        tmp_path):
+    """A state dict of Detectron2's own R50-FPN Mask R-CNN (random weights, saved as .pth)
+    loads strictly into our parity config and gives bit-identical detections. The file-format
+    side of real model-zoo weights: test_parity_config_loads_a_model_zoo_pkl."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    reference, inputs, ours = _random_detectron2_mask_rcnn()
+    ckpt = str(tmp_path / "d2_mask_rcnn_R_50_FPN.pth")
+    torch.save({"model": reference.state_dict()}, ckpt)
+    model = build_model(ours).eval()
+    # Same parameter names and shapes: a strict load of Detectron2's state dict succeeds ...
+    model.load_state_dict(torch.load(ckpt)["model"], strict=True)
+    # ... and the checkpointer users call loads the file the same way.
+    model = build_model(ours).eval()
+    DetectionCheckpointer(model).load(ckpt)
+    for name, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    _assert_same_detections(reference, model, inputs)
+
+
+@pytest.mark.parametrize("matching_heuristics", [False, True],
+                         ids=["zoo_layout", "zoo_layout_matching_heuristics"])
+def test_parity_config_loads_a_model_zoo_pkl(tmp_path, matching_heuristics):
+    """The file layout of Detectron2's model-zoo ``model_final_*.pkl`` (what docs/training.md
+    points MODEL.WEIGHTS at): a latin-1 pickle of ``{"model": {name: numpy array},
+    "__author__": "Detectron2 Model Zoo"}`` with Detectron2's parameter names (and, as in
+    files converted from Caffe2, ``"matching_heuristics": True``, which renames by suffix).
+    Loaded through the plugin's reading door and through Detectron2's checkpointer: the same
+    weights and bit-identical detections as Detectron2's model."""
+    import pickle
+
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    from fpn_plugin.checkpoint import load_model_weights
+
+    reference, inputs, ours = _random_detectron2_mask_rcnn()
+    state = {k: v.numpy().copy() for k, v in reference.state_dict().items()}
+    assert all(isinstance(v, np.ndarray) for v in state.values())
+    data = {"model": state, "__author__": "Detectron2 Model Zoo"}
+    if matching_heuristics:
+        data["matching_heuristics"] = True
+    path = str(tmp_path / "model_final_0123ab.pkl")
+    with open(path, "wb") as f:
+        pickle.dump(data, f, protocol=2)  # the zoo's files are protocol-2 pickles
+    for load in (lambda m: load_model_weights(m, path, strict=True),
+                 lambda m: DetectionCheckpointer(m).load(path)):
+        model = build_model(ours).eval()
+        load(model)
+        loaded = model.state_dict()
+        for name, value in reference.state_dict().items():
+            assert torch.equal(loaded[name], value), name
+        _assert_same_detections(reference, model, inputs)

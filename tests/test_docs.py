@@ -79,10 +79,76 @@ def test_skip_markers_precede_snippets_and_give_reasons():
     assert any(lang == "python" for _, _, lang, _, _ in RUNNABLE)
 
 
+# What each python snippet says it produces (its comments, its printed line), checked on the
+# namespace it leaves and what it printed. Keyed by a line of the snippet, so a snippet that
+# moves between documents keeps its check; a python snippet without one fails below.
+def _claims_build_model(ns, out):
+    # "registers the components": the YAML's plugin names resolve to the plugin's classes.
+    assert type(ns["model"].backbone).__name__ == "CustomFPN"
+    assert type(ns["model"].proposal_generator).__name__ == "PerLevelRPN"
+    assert str(next(ns["model"].parameters()).device).startswith(ns["cfg"].MODEL.DEVICE)
+
+
+def _claims_lazy(ns, out):
+    assert out.strip().splitlines()[-1] == "CustomFPN PerLevelRPN"
+    assert type(ns["model"].backbone.top_down_fusion).__name__ == "WeightedFusion"
+
+
+def _claims_deploy(ns, out):
+    assert "['proposal_levels']" in out  # the printed plugin field, as the comment shows
+    assert ns["detections"].image_size == (256, 256)  # "Instances at the input size"
+    result = ns["result"]
+    assert result.image_size == (512, 512)  # "at the original size"
+    # Detectron2's postprocessing drops boxes left empty after clipping; the rest come back
+    # with masks pasted into the full image and boxes inside it.
+    assert 0 < len(result) <= len(ns["detections"])
+    assert tuple(result.pred_masks.shape[1:]) == (512, 512)
+    assert float(result.pred_boxes.tensor.max()) <= 512
+
+
+def _claims_mask_head(ns, out):
+    assert ns["cfg"].MODEL.ROI_MASK_HEAD.NAME == "PANetMaskHead"
+    assert ns["cfg"].MODEL.ROI_MASK_HEAD.POOLER_TYPE == ""
+
+
+def _claims_neck(ns, out):
+    assert list(ns["backbone"].output_shape()) == ["p3", "p4", "p5", "p6", "p7"]
+    assert type(ns["backbone"]).__name__ == "CustomFPN"
+    assert type(ns["pan"]).__name__ == "PAFPN"
+    assert type(ns["neck"].top_down_fusion).__name__ == "WeightedFusion"
+    assert list(ns["neck"].output_shape()) == ["p3", "p4", "p5", "p6"]  # maxpool top block
+
+
+def _claims_rpn_keys(ns, out):
+    assert ns["cfg"].MODEL.RPN.SHARED_HEAD is False  # the unshared-RPN config merged
+
+
+def _claims_rpn_head(ns, out):
+    assert type(ns["head"]).__name__ == "SharedConvGroupedRPNHead"  # "-> SharedConvGrouped..."
+
+
+SNIPPET_CLAIMS = {
+    "model = build_model(cfg)\n": _claims_build_model,
+    "print(type(model.backbone).__name__, type(model.proposal_generator).__name__)":
+        _claims_lazy,
+    "result = postprocess(detections, 512, 512)": _claims_deploy,
+    '"MODEL.ROI_MASK_HEAD.POOLER_TYPE", ""])': _claims_mask_head,
+    "pan = PAFPN(": _claims_neck,
+    "mask_rcnn_R_50_custom_fpn_unshared_rpn_1x.yaml": _claims_rpn_keys,
+    "head = PerLevelRPNHead(": _claims_rpn_head,
+}
+
+
+def _claims_of(code):
+    found = [check for key, check in SNIPPET_CLAIMS.items() if key in code + "\n"]
+    return found
+
+
 @pytest.mark.parametrize("doc, line, lang, code", [s[:4] for s in RUNNABLE], ids=_ids())
-def test_snippet_runs_on_cpu(doc, line, lang, code, monkeypatch):
+def test_snippet_runs_on_cpu(doc, line, lang, code, monkeypatch, capsys):
     """Python snippets run in this process (Detectron2 is imported already), bash in a shell;
-    both from the repository root, on this CPU-only machine."""
+    both from the repository root, on this CPU-only machine. A python snippet then gives what
+    it says it does (SNIPPET_CLAIMS)."""
     if lang == "bash":
         result = subprocess.run(["bash", "-e", "-c", code], cwd=ROOT, capture_output=True,
                                 text=True, timeout=600)
@@ -90,12 +156,17 @@ def test_snippet_runs_on_cpu(doc, line, lang, code, monkeypatch):
         return
     import torch
 
+    claims = _claims_of(code)
+    assert len(claims) == 1, (f"{doc}:{line}: a python snippet needs exactly one entry in "
+                              f"SNIPPET_CLAIMS checking what it claims (found {len(claims)})")
     monkeypatch.chdir(ROOT)
     before = torch.get_num_threads()
+    namespace = {"__name__": "__snippet__"}
     try:
-        exec(compile(code, f"{doc}:{line}", "exec"), {"__name__": "__snippet__"})
+        exec(compile(code, f"{doc}:{line}", "exec"), namespace)
     finally:
         torch.set_num_threads(before)
+    claims[0](namespace, capsys.readouterr().out)
 
 
 def _node_ids_in(text):

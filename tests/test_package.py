@@ -2,6 +2,7 @@
 import importlib
 import sys
 
+import global_state_testutils
 import pytest
 from detectron2.config import get_cfg
 
@@ -40,13 +41,26 @@ def test_add_config_refuses_frozen_config():
 
 
 def test_second_import_does_not_fail():
+    """Re-importing re-registers every component; afterwards the first import's modules and
+    registry entries are put back, so tests that check class identity (``type(x) is
+    PerLevelRPN``) see the same classes whatever ran before them."""
     import fpn_plugin
+    from detectron2.modeling import PROPOSAL_GENERATOR_REGISTRY
 
     first = fpn_plugin
-    _purge_plugin_modules()
-    second = importlib.import_module("fpn_plugin")
-    assert second is not first
-    importlib.reload(second)
+    first_rpn = PROPOSAL_GENERATOR_REGISTRY.get("PerLevelRPN")
+    saved = global_state_testutils.capture()
+    try:
+        _purge_plugin_modules()
+        second = importlib.import_module("fpn_plugin")
+        assert second is not first
+        importlib.reload(second)
+        assert PROPOSAL_GENERATOR_REGISTRY.get("PerLevelRPN") is not first_rpn
+    finally:
+        global_state_testutils.restore(saved)
+    assert sys.modules["fpn_plugin"] is first
+    assert PROPOSAL_GENERATOR_REGISTRY.get("PerLevelRPN") is first_rpn
+    assert not global_state_testutils.differences(saved, global_state_testutils.capture())
 
 
 def test_register_replaces_same_name_and_refuses_foreign_objects():

@@ -1,5 +1,9 @@
 """The set-up itself (tools/env/setup_env.py): host mode, offline wheels, other Pythons.
 
+Every test here reaches the package registry (pip downloads, Detectron2 built from its sdist,
+``pip install --dry-run``) or the per-user cache, so the module is marked ``network``: the
+default suite skips it; ``pytest --run-network`` (CI's second step) runs it.
+
 Each test runs the real set-up script on a temporary copy of the files it reads, with its own
 ``FPN_PLUGIN_CACHE`` unless it says otherwise, so this checkout's .venv is never touched.
 """
@@ -19,6 +23,9 @@ ENV_TOOLS = os.path.join(ROOT, "tools", "env")
 # lacks exactly these, and has everything else this checkout's environment has.
 NOT_ON_HOST = {"detectron2", "fvcore", "iopath", "pycocotools", "yacs", "termcolor", "omegaconf",
                "hydra-core", "antlr4-python3-runtime", "fpn-plugin"}
+
+
+pytestmark = pytest.mark.network
 
 
 def _normalize(name):

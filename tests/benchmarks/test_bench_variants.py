@@ -99,11 +99,16 @@ def test_paired_runs_see_the_same_data_in_the_same_order(bv, tmp_path):
 
     settings = bv.Settings(iters=3, batch=2, image_size=64, num_train=6, num_val=2, threads=1)
     data = str(tmp_path / "data")
-    with datasets_set_aside(SHAPES_DATASET_NAMES):
-        parity = bv.run_one(bv.RunSpec("shapes", "parity", 0), settings, data, curve_every=1)
-        panet = bv.run_one(bv.RunSpec("shapes", "panet_path", 0, ("panet_path",)), settings, data,
-                           curve_every=1)
-        other_seed = bv.run_one(bv.RunSpec("shapes", "parity", 1), settings, data)
+    threads = torch.get_num_threads()  # run_one sets the study's thread count, as its CLI does
+    try:
+        with datasets_set_aside(SHAPES_DATASET_NAMES):
+            parity = bv.run_one(bv.RunSpec("shapes", "parity", 0), settings, data, curve_every=1)
+            panet = bv.run_one(bv.RunSpec("shapes", "panet_path", 0, ("panet_path",)), settings,
+                               data, curve_every=1)
+            other_seed = bv.run_one(bv.RunSpec("shapes", "parity", 1), settings, data)
+            rerun = bv.run_one(bv.RunSpec("shapes", "parity", 0), settings, data, curve_every=1)
+    finally:
+        torch.set_num_threads(threads)
     assert parity["data_fingerprint"] == panet["data_fingerprint"]
     assert other_seed["data_fingerprint"] != parity["data_fingerprint"]
     assert panet["own_modules"][0].startswith("backbone.pan_")
@@ -111,8 +116,6 @@ def test_paired_runs_see_the_same_data_in_the_same_order(bv, tmp_path):
     assert [p[0] for p in parity["curve"]] == [1, 2, 3]
     assert set(parity["metrics"]) == {"bbox", "segm"}
     # A run is reproducible: the same spec again gives the same losses and AP.
-    with datasets_set_aside(SHAPES_DATASET_NAMES):
-        rerun = bv.run_one(bv.RunSpec("shapes", "parity", 0), settings, data, curve_every=1)
     assert rerun["curve"] == parity["curve"] and rerun["metrics"] == parity["metrics"]
 
 

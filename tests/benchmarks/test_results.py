@@ -80,7 +80,8 @@ def test_results_markdown_is_what_its_script_renders_from_the_json(name, harness
             f"{name}.json has its own format but {script} defines no render(payload)"
         render = _load(script, f"results_script_{name}").render
     with open(os.path.join(RESULTS, f"{name}.md")) as f:
-        assert f.read() == render(payload), f"{name}.md differs from {name}.json's rendering"
+        assert f.read() == harness.stale_banner(payload) + render(payload), \
+            f"{name}.md differs from {name}.json's rendering"
 
 
 OPENING = re.compile(r"^<!-- bench:([\w.-]+) -->$", re.M)
@@ -226,3 +227,25 @@ def test_table_check_catches_untagged_and_unsourced_figures(tmp_path):
     assert _table_problems("doc", "<!-- figures: quoted: elsewhere -->\n" + table.format("1")) \
         == ([], [])
     assert _table_problems("doc", "| key | default |\n|---|---|\n| A | 2 |\n") == ([], [])
+
+
+@pytest.mark.parametrize("name", [n for n in RESULT_NAMES if n == "bench_deploy"])
+def test_deploy_results_say_pass_or_fail_per_form_with_the_cause_of_each_failure(name):
+    """A form whose deployed detections fail the deploy tolerances reads FAIL, with a cause,
+    in the rendered table (the JSON once said `within_tolerances: false` under a line that
+    read like a pass)."""
+    with open(os.path.join(RESULTS, f"{name}.json")) as f:
+        checks = json.load(f)["checks"]
+    with open(os.path.join(RESULTS, f"{name}.md")) as f:
+        rows = {line.split("|")[1].strip(): line for line in f if line.startswith("| ")}
+    assert checks
+    for form, check in checks.items():
+        row = rows[form]
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        if check["within_tolerances"]:
+            assert cells[1].startswith("PASS"), row
+        else:
+            assert cells[1] == "**FAIL**", row
+            assert len(cells[-1]) > 20, f"{form}: a FAIL without its cause"
+        assert cells[2] == f"{check['paired']}/{check['eager_detections']}", row
+        assert cells[3] == str(check["unpaired"]), row

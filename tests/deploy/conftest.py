@@ -20,3 +20,10 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _cli_logging_undone(restore_loggers):
+    """The CLIs run in-process here configure fpn_plugin's and Detectron2's loggers
+    (``log_to_stderr``); later tests get them back as they were."""
+    yield

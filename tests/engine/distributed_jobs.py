@@ -12,11 +12,12 @@ In every process, in this order:
    predictions then become ground truth ("self-GT": the 1st, 3rd and 5th best detections of
    every image), so a second evaluation has a far-from-zero AP that drops if an image is lost
    or duplicated. Rank 0 writes ``eval/`` (predictions, self-GT json, AP).
-2. Training, per variant family: ``Trainer`` (DDP with Detectron2's settings, so
+2. Training, per variant family (``parity_nms_topk``: with NMS and top-k cutting): ``Trainer`` (DDP with Detectron2's settings, so
    ``find_unused_parameters=False``) for ``MAX_ITER`` iterations on a two-image dataset with
    SOLVER.IMS_PER_BATCH 2: every iteration's global batch is both images, whether one process
    holds both or each of two processes holds one. Every rank writes its final weights
-   (``final_rank<r>.pth``) and rank 0 the initial ones and the losses of every iteration.
+   (``final_rank<r>.pth``) and what it saw (``seen_rank<r>.json``: image ids, proposals;
+   see ``_Recorder``), rank 0 the initial weights and the losses of every iteration.
 
 ``base_cfg`` explains why the two set-ups then compute the same update (up to float32
 rounding).
@@ -51,6 +52,7 @@ from fpn_plugin.engine.launch import launch  # noqa: E402
 
 SEED = 7
 MAX_ITER = 3
+NMS_TOPK_THRESH, NMS_TOPK_PRE, NMS_TOPK_POST = 0.7, 100, 50
 NORM_KEYS = ("MODEL.FPN.NORM", "MODEL.RPN.HEAD_NORM", "MODEL.ROI_BOX_HEAD.NORM",
              "MODEL.ROI_MASK_HEAD.NORM")
 # Variant families (config overrides on the parity model). "sync_bn" uses Detectron2's
@@ -75,6 +77,14 @@ FAMILIES = {
                         "MODEL.ROI_MASK_HEAD.POOLER_TYPE", ""],
     "sync_bn": [item for key in NORM_KEYS for item in (key, "naiveSyncBN")]
                + ["MODEL.ROI_BOX_HEAD.NUM_CONV", 1, "MODEL.ROI_BOX_HEAD.CONV_DIM", 16],
+    # The proposal stage as trained in practice: the top 100 anchors of each level (P2 has
+    # 768, P3 192) go to NMS at 0.7, then the best 50 of each image are kept. The ROI heads
+    # still sample every proposal, and every image keeps exactly 50 (+ its ground-truth box),
+    # so the 2-image loss is still the mean of the 1-image losses (base_cfg); the job records
+    # the per-image counts and the test checks that precondition instead of assuming it.
+    "parity_nms_topk": ["MODEL.RPN.NMS_THRESH", NMS_TOPK_THRESH,
+                        "MODEL.RPN.PRE_NMS_TOPK_TRAIN", NMS_TOPK_PRE,
+                        "MODEL.RPN.POST_NMS_TOPK_TRAIN", NMS_TOPK_POST],
 }
 
 
@@ -237,6 +247,56 @@ class _LossLog(HookBase):
                 json.dump(self._rows, f)
 
 
+class _Recorder:
+    """What each rank's model sees in training, written to ``seen_rank<r>.json``: the image ids
+    of every iteration's local batch, the number of proposals of each image and the largest
+    IoU between two of them (``max_proposal_iou``). In a one-process job it also keeps every
+    batch-norm call's per-channel biased batch variance and element count (``bn_calls.pth``),
+    from which the test derives what synchronized BN must track."""
+
+    def __init__(self, model):
+        self.image_ids, self.proposals, self.max_iou, self.bn_calls = [], [], [], {}
+        model.register_forward_pre_hook(self._batch)
+        model.proposal_generator.register_forward_hook(self._proposals)
+        if comm.get_world_size() == 1:
+            for name, module in model.named_modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.register_forward_pre_hook(self._bn(name))
+
+    def _batch(self, module, args):
+        if module.training:
+            self.image_ids.append([d["image_id"] for d in args[0]])
+
+    def _proposals(self, module, args, output):
+        from detectron2.structures import pairwise_iou
+
+        if module.training:
+            proposals = output[0]
+            self.proposals.append([len(p) for p in proposals])
+            ious = []
+            for p in proposals:
+                iou = pairwise_iou(p.proposal_boxes, p.proposal_boxes)
+                iou.fill_diagonal_(0)
+                ious.append(float(iou.max()) if len(p) > 1 else 0.0)
+            self.max_iou.append(ious)
+
+    def _bn(self, name):
+        def hook(module, args):
+            if module.training:
+                x = args[0].detach().double()
+                var = x.var(dim=(0, 2, 3), unbiased=False)
+                self.bn_calls.setdefault(name, []).append((x.numel() // x.shape[1], var))
+        return hook
+
+    def write(self, fam_dir):
+        rank = comm.get_rank()
+        with open(os.path.join(fam_dir, f"seen_rank{rank}.json"), "w") as f:
+            json.dump({"image_ids": self.image_ids, "proposals_per_image": self.proposals,
+                       "max_proposal_iou": self.max_iou}, f)
+        if self.bn_calls:
+            torch.save(self.bn_calls, os.path.join(fam_dir, "bn_calls.pth"))
+
+
 def run_family(name, data_dir, out_dir):
     fam_dir = os.path.join(out_dir, name)
     os.makedirs(fam_dir, exist_ok=True)
@@ -248,8 +308,10 @@ def run_family(name, data_dir, out_dir):
     if comm.is_main_process():
         torch.save(model.state_dict(), os.path.join(fam_dir, "initial.pth"))
     trainer.register_hooks([_LossLog(os.path.join(fam_dir, "losses.json"))])
+    recorder = _Recorder(model)
     trainer.resume_or_load(resume=False)
     trainer.train()
+    recorder.write(fam_dir)
     torch.save(model.state_dict(), os.path.join(fam_dir, f"final_rank{comm.get_rank()}.pth"))
     comm.synchronize()
 

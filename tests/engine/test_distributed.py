@@ -40,7 +40,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 JOBS = os.path.join(ROOT, "tests", "engine", "distributed_jobs.py")
 TRAIN_NET = os.path.join(ROOT, "projects", "fpn_mask_rcnn", "train_net.py")
 FAMILIES = ["parity", "panet_path", "weighted_fusion", "unshared_rpn_per_level_anchors",
-            "gn_rpn_per_level_topk", "panet_mask_head", "sync_bn"]
+            "gn_rpn_per_level_topk", "panet_mask_head", "sync_bn", "parity_nms_topk"]
+TRAIN_IMAGE_IDS = {1, 2}
 
 # Tolerances of "same weights". Both set-ups compute the same function (see base_cfg in
 # distributed_jobs.py); what differs is float32 rounding: a convolution over a batch of 1 or
@@ -158,8 +159,7 @@ def test_two_processes_train_the_weights_of_one_process_with_both_images(jobs, f
         if not v.is_floating_point():
             continue
         if family == "sync_bn" and k.endswith("running_var"):
-            # NaiveSyncBatchNorm tracks the biased variance, BatchNorm the unbiased one.
-            continue
+            continue  # another formula: test_sync_bn_tracks_the_global_batch_variance
         stats = "running_" in k
         torch.testing.assert_close(rank0[k], v, rtol=STATS_RTOL if stats else RTOL,
                                    atol=STATS_ATOL if stats else ATOL,
@@ -183,6 +183,76 @@ def test_two_processes_train_the_weights_of_one_process_with_both_images(jobs, f
         assert a.keys() == b.keys()
         for k in a:
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-7), (it, k)
+
+
+def _seen(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_rank_trains_on_its_own_image_and_together_on_the_global_batch(jobs, family):
+    """A rank that processed both images (a sampler not split by rank) would still give the
+    averaged gradient of the checks above; the image ids each rank's model saw say otherwise."""
+    one = _seen(jobs[1] / family / "seen_rank0.json")["image_ids"]
+    assert len(one) == 3 and all(sorted(batch) == sorted(TRAIN_IMAGE_IDS) for batch in one), one
+    ranks = [_seen(jobs[2] / family / f"seen_rank{r}.json")["image_ids"] for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 3
+    for it, (a, b) in enumerate(zip(*ranks)):
+        assert len(a) == len(b) == 1, (it, a, b)  # IMS_PER_BATCH 2 over 2 processes
+        assert not set(a) & set(b), f"iteration {it}: both ranks trained on {a}"
+        assert set(a) | set(b) == TRAIN_IMAGE_IDS, (it, a, b)
+
+
+def test_nms_and_top_k_really_cut_in_the_cutting_family(jobs):
+    """parity_nms_topk trains with the proposal stage cutting (see FAMILIES in
+    distributed_jobs.py) and still keeps equal proposal counts per image, which the
+    2 x 1 = 1 x 2 comparison needs; the other families keep every anchor."""
+    sys.path.insert(0, os.path.dirname(JOBS))
+    try:
+        import distributed_jobs as dj
+    finally:
+        sys.path.remove(os.path.dirname(JOBS))
+    anchors_per_image = 768 + 192 + 48 + 12 + 3  # 3 aspect ratios at 64 px, P2-P6
+    candidates = sum(min(n, dj.NMS_TOPK_PRE) for n in (768, 192, 48, 12, 3))
+    assert dj.NMS_TOPK_POST < candidates < anchors_per_image  # both top-k stages cut
+    for n in (1, 2):
+        for r in range(n):
+            seen = _seen(jobs[n] / "parity_nms_topk" / f"seen_rank{r}.json")
+            counts = [c for it in seen["proposals_per_image"] for c in it]
+            assert counts == [dj.NMS_TOPK_POST] * (6 // n), counts  # 3 iterations x 2 // n
+            # NMS ran: no two kept proposals overlap above its threshold (neighbouring P2
+            # anchors do: 32 px boxes 4 px apart have IoU 0.78).
+            assert max(i for it in seen["max_proposal_iou"] for i in it) <= dj.NMS_TOPK_THRESH
+            base = _seen(jobs[n] / "parity" / f"seen_rank{r}.json")
+            assert {c for it in base["proposals_per_image"] for c in it} == {anchors_per_image}
+            assert max(i for it in base["max_proposal_iou"] for i in it) > dj.NMS_TOPK_THRESH
+
+
+def test_sync_bn_tracks_the_global_batch_variance(jobs):
+    """NaiveSyncBatchNorm over 2 processes tracks the biased variance of the global batch;
+    BatchNorm in one process the unbiased one. From the one-process run's recorded batch
+    variances (every call, in order), replaying the running-average update gives both: with
+    the biased values what the 2-process run must hold, with n/(n-1) times them what the
+    one-process run holds (which checks the replay itself)."""
+    one, two = jobs[1] / "sync_bn", jobs[2] / "sync_bn"
+    calls = torch.load(one / "bn_calls.pth", map_location="cpu", weights_only=True)
+    ref, got = _state(one / "final_rank0.pth"), _state(two / "final_rank0.pth")
+    momentum = 0.1  # BatchNorm2d's and NaiveSyncBatchNorm's default; Detectron2 keeps it
+    assert len(calls) >= 10
+    for name, seq in calls.items():
+        biased = torch.ones_like(seq[0][1])
+        unbiased = torch.ones_like(seq[0][1])
+        for n, var in seq:
+            biased = (1 - momentum) * biased + momentum * var
+            unbiased = (1 - momentum) * unbiased + momentum * var * n / (n - 1)
+        key = f"{name}.running_var"
+        torch.testing.assert_close(ref[key].double(), unbiased, rtol=STATS_RTOL, atol=STATS_ATOL,
+                                   msg=lambda m: f"replay of {key}: {m}")
+        torch.testing.assert_close(got[key].double(), biased, rtol=STATS_RTOL, atol=STATS_ATOL,
+                                   msg=lambda m: f"{key}: {m}")
+    # The comparison can tell the two apart: some layers see few values per channel.
+    assert any((n / (n - 1) - 1) > STATS_RTOL for seq in calls.values() for n, _ in seq)
 
 
 def _predictions_by_image(path):

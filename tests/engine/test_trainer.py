@@ -15,6 +15,10 @@ from fpn_plugin import add_fpn_plugin_config
 from fpn_plugin.data.shapes import register_shapes_dataset
 from fpn_plugin.engine import Trainer, check_amp_config, plot_training_curve, read_metrics
 
+# A Trainer sets up Detectron2's logger when it is not already at INFO (DefaultTrainer does the
+# same), so whether a test adds handlers depends on what ran before it: undo it after each.
+pytestmark = pytest.mark.usefixtures("restore_loggers")
+
 def tiny_cfg(output_dir, train, test=(), max_iter=2):
     cfg = get_cfg()
     add_fpn_plugin_config(cfg)

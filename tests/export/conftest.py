@@ -111,3 +111,10 @@ def weights_factory():
 @pytest.fixture
 def dataset_factory():
     return make_coco_dataset
+
+
+@pytest.fixture(autouse=True)
+def _cli_logging_undone(restore_loggers):
+    """The CLIs run in-process here configure fpn_plugin's and Detectron2's loggers
+    (``log_to_stderr``); later tests get them back as they were."""
+    yield

@@ -37,12 +37,18 @@ def lazy_train_net():
 
 
 @pytest.fixture(scope="module")
-def shapes_root(tmp_path_factory):
-    """One tiny shapes dataset for the in-process runs (they register the real names)."""
+def _shapes_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("lazy_shapes"))
+
+
+@pytest.fixture
+def shapes_root(_shapes_dir):
+    """One tiny shapes dataset for the in-process runs (generated once per module). They
+    register the real names: each test's registrations are dropped after it."""
     from fpn_plugin.data.shapes import SHAPES_DATASET_NAMES
 
     with datasets_set_aside(SHAPES_DATASET_NAMES):
-        yield str(tmp_path_factory.mktemp("lazy_shapes"))
+        yield _shapes_dir
 
 
 def _args(shapes_root, out, *flags_and_opts):

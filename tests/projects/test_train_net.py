@@ -160,12 +160,18 @@ def _load_script(path, name):
 
 
 @pytest.fixture(scope="module")
-def shapes_root(tmp_path_factory):
-    """One tiny shapes dataset for the in-process runs (they register the real names)."""
+def _shapes_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("inprocess_shapes"))
+
+
+@pytest.fixture
+def shapes_root(_shapes_dir):
+    """One tiny shapes dataset for the in-process runs (generated once per module). They
+    register the real names: each test's registrations are dropped after it."""
     from fpn_plugin.data.shapes import SHAPES_DATASET_NAMES
 
     with datasets_set_aside(SHAPES_DATASET_NAMES):
-        yield str(tmp_path_factory.mktemp("inprocess_shapes"))
+        yield _shapes_dir
 
 
 def _expect_exit_2(run, capsys):
