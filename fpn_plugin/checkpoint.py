@@ -54,7 +54,7 @@ _REFUSED_MARKERS = ("unsupported global", "refusing to load global", "not an all
 _KEYS_IN_MESSAGE = 5
 
 # Query options a checkpoint path may carry (Detectron2 main's DetectionCheckpointer syntax).
-_QUERY_OPTIONS = ("matching_heuristics",)
+_QUERY_OPTIONS = ("matching_heuristics", "strict")
 
 # Names PeriodicCheckpointer gives checkpoints ("model_0004999.pth", "model_final.pth").
 _PERIODIC_NAME = re.compile(r"^model_(\d+|final)\.pth$")
@@ -267,6 +267,26 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         finally:
             self._loading_path, self._query = None, {}
 
+    def get_checkpoint_file(self) -> str:
+        """
+        The checkpoint ``last_checkpoint`` names, which must be a file inside ``save_dir``.
+
+        Raises:
+            CheckpointError: ``last_checkpoint`` names an absolute path or one that leads out
+                of the folder (``../elsewhere/model.pth``): it is never followed.
+        """
+        path = super().get_checkpoint_file()
+        folder = self._local_save_dir()
+        if folder is None:
+            return path
+        root = os.path.abspath(folder)
+        target = os.path.abspath(path)
+        if os.path.dirname(target) != root:
+            raise CheckpointError(
+                f"{os.path.join(folder, 'last_checkpoint')} names {path!r}, which is not a file "
+                f"in {folder!r}; a checkpoint outside the output folder is never followed")
+        return path
+
     def _load_file(self, filename):
         data = load_checkpoint_file(filename)
         if not isinstance(data, dict):
@@ -344,9 +364,15 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
             f.write(last_filename_basename)
 
     # -- resuming ------------------------------------------------------------------------
-    def _resume_candidates(self) -> List[str]:
-        """The file ``last_checkpoint`` names, then periodic checkpoints, newest first."""
-        named = self.get_checkpoint_file()
+    def _resume_candidates(self, failures: List[str]) -> List[str]:
+        """The file ``last_checkpoint`` names, then periodic checkpoints, newest first (a
+        ``last_checkpoint`` naming a file outside the folder is added to ``failures``)."""
+        try:
+            named = [self.get_checkpoint_file()]
+        except CheckpointError as e:
+            failures.append(str(e))
+            logger.warning(f"Cannot resume from last_checkpoint: {e}")
+            named = []
         folder = self._local_save_dir()
         periodic = []
         if folder is not None and os.path.isdir(folder):
@@ -356,7 +382,8 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
                     order = float("inf") if match.group(1) == "final" else int(match.group(1))
                     periodic.append((order, os.path.join(folder, entry)))
         ordered = [p for _, p in sorted(periodic, reverse=True)]
-        return [named] + [p for p in ordered if os.path.abspath(p) != os.path.abspath(named)]
+        named_abs = {os.path.abspath(p) for p in named}
+        return named + [p for p in ordered if os.path.abspath(p) not in named_abs]
 
     def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
         """
@@ -374,8 +401,8 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         """
         if not (resume and self.has_checkpoint()):
             return self.load(path, checkpointables=[])
-        failures = []
-        for candidate in self._resume_candidates():
+        failures: List[str] = []
+        for candidate in self._resume_candidates(failures):
             try:
                 loaded = self.load(candidate)
             except CheckpointMismatchError:
@@ -403,7 +430,8 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
                 f"not so for {_first(bad)}"
             )
         incompatible = super()._load_model(checkpoint)
-        if self.strict and incompatible is not None and (
+        strict = self._query.get("strict", self.strict)  # "model.pth?strict=False" relaxes it
+        if strict and incompatible is not None and (
             incompatible.missing_keys or incompatible.unexpected_keys
             or incompatible.incorrect_shapes
         ):

@@ -49,20 +49,30 @@ def load_config(config_file: str, opts: Sequence[str] = (), *, freeze: bool = Tr
     The config of the plugin's command-line entries: Detectron2's defaults, the plugin's keys,
     ``config_file`` and the trailing ``KEY VALUE`` overrides ``opts``.
 
+    The file is read by :func:`fpn_plugin.io.merge_config_file`: plain YAML only (a Python
+    tag is refused naming the file and line, never run) and ``_BASE_`` local files or
+    ``model_zoo://`` names only (nothing downloaded).
+
     Raises:
         FileNotFoundError: ``config_file`` does not exist.
+        ConfigFileError (a ValueError): the file or one of its bases is not plain YAML, or a
+            ``_BASE_`` cannot be followed (naming the file).
         ValueError: an unknown key, a value of the wrong type, or an odd number of overrides
             (the message names the file, the overrides and the key).
     """
     from detectron2.config import get_cfg
+
+    from .io.config_files import ConfigFileError, merge_config_file
 
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"config file not found: {config_file!r}")
     cfg = get_cfg()
     add_fpn_plugin_config(cfg)
     try:
-        cfg.merge_from_file(config_file)
+        merge_config_file(cfg, config_file)
         cfg.merge_from_list(list(opts))
+    except ConfigFileError:
+        raise
     except (KeyError, AssertionError, ValueError, TypeError, SyntaxError) as e:
         # yacs: unknown key (KeyError), odd number of overrides (AssertionError), type mismatch
         raise ValueError(f"bad config ({config_file}, overrides {list(opts)}): {e}") from e

@@ -63,15 +63,12 @@ def resolve_config_file(config_file: str) -> ConfigFile:
 
 
 def _is_lazy_yaml(path: str) -> bool:
-    import yaml
+    from .io.config_files import ConfigFileError, safe_load_yaml_file
 
     try:
-        with open(path, encoding="utf-8") as f:
-            content = yaml.safe_load(f)
-    except yaml.YAMLError:
-        return True
-    except (OSError, UnicodeDecodeError):
-        return False  # the YAML loader names the file
+        content = safe_load_yaml_file(path)
+    except ConfigFileError:
+        return True  # not plain YAML: the LazyConfig loader refuses it, naming the file
     return isinstance(content, dict) and any(key in content for key in _LAZY_ROOTS)
 
 
@@ -85,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "from a YAML config or a LazyConfig (.py, or .yaml saved by "
                           "LazyConfig.save).")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--allow-target-prefix", action="append", default=[], metavar="MODULE",
+                        help="also allow a .yaml LazyConfig's _target_ under MODULE (repeatable; "
+                             "default: detectron2, fpn_plugin, torch, torchvision, fvcore)")
     return parser
 
 
@@ -135,7 +135,9 @@ def _run(entry: _Entry, args):
         if args.eval_only:
             model = entry.build_model(cfg)
             weights, output_dir = entry.weights(cfg)
-            SafeDetectionCheckpointer(model, save_dir=output_dir).resume_or_load(
+            # Strict: an empty or partial checkpoint would evaluate a random model
+            # (``MODEL.WEIGHTS model.pth?strict=False`` relaxes it on purpose).
+            SafeDetectionCheckpointer(model, save_dir=output_dir, strict=True).resume_or_load(
                 weights, resume=args.resume)
         else:
             trainer = entry.trainer(cfg)
@@ -178,7 +180,7 @@ def _setup_lazy(args):
     from .engine.lazy import check_lazy_training_config, load_lazy_config, register_lazy_datasets
     from .engine.setup import default_setup
 
-    cfg = load_lazy_config(args.config_file, args.opts)
+    cfg = load_lazy_config(args.config_file, args.opts, getattr(args, "allow_target_prefix", ()))
     check_lazy_training_config(cfg, eval_only=args.eval_only)
     default_setup(cfg, args)  # log files, config.yaml in train.output_dir, seed
     register_lazy_datasets(cfg)

@@ -33,6 +33,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.build import print_instances_class_histogram
 
 from ..utils.files import atomic_write_json
+from .checks import check_config_against_data
 from .coco_json import scan_coco_json, without_images
 from .config import INVALID_RECORD_POLICIES
 from .images import DEFAULT_MAX_IMAGE_PIXELS, check_max_image_pixels
@@ -108,7 +109,8 @@ def load_dataset_records(name: str) -> LoadedDataset:
     # and panoptic files have other fields and loaders.
     if not json_file or image_root is None or getattr(meta, "evaluator_type", None) != "coco":
         return LoadedDataset(DatasetCatalog.get(name))
-    scan = scan_coco_json(json_file, image_root, name)
+    scan = scan_coco_json(json_file, image_root, name,
+                          bool(getattr(meta, "images_outside_root", False)))
     if not scan.problems:
         return LoadedDataset(DatasetCatalog.get(name), [], scan.annotation_ids)
     from detectron2.data.datasets import load_coco_json
@@ -297,12 +299,17 @@ def validate_datasets(cfg, report_path: Optional[str] = None) -> DatasetCheck:
     the ground-truth file COCO evaluation will read) once, before training: the config's keys
     mapped onto :func:`check_datasets`.
 
+    Then the config is checked against the loaded records
+    (:func:`fpn_plugin.data.checks.check_config_against_data`: class count, mask format).
+
     Raises:
         InvalidRecordsError: under ``DATALOADER.INVALID_RECORDS: error``, listing every problem
             of every dataset; under either policy, problems in an evaluation set's ground truth.
+        ValueError: ``MODEL.ROI_HEADS.NUM_CLASSES`` or ``INPUT.MASK_FORMAT`` that the training
+            records contradict.
     """
     load_proposals = cfg.MODEL.LOAD_PROPOSALS
-    return check_datasets(
+    check = check_datasets(
         cfg.DATASETS.TRAIN, cfg.DATASETS.TEST,
         policy=check_invalid_record_policy(cfg.DATALOADER.INVALID_RECORDS),
         check_images=cfg.DATALOADER.CHECK_IMAGES,
@@ -314,6 +321,8 @@ def validate_datasets(cfg, report_path: Optional[str] = None) -> DatasetCheck:
         proposal_files_test=cfg.DATASETS.PROPOSAL_FILES_TEST if load_proposals else None,
         max_image_pixels=check_max_image_pixels(cfg.INPUT.MAX_IMAGE_PIXELS),
         report_path=report_path)
+    check_config_against_data(cfg, check.train_records)
+    return check
 
 
 def check_datasets(train: Sequence[str], test: Sequence[str], *, policy: str = "skip",

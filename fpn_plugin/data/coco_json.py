@@ -11,12 +11,13 @@ annotation index and annotation id), so callers can skip or refuse them before l
 
 Pure Python (json only); no Detectron2 state is touched.
 """
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set
 
+from ..io.coco import (ImagePathError, bbox_problem, image_entry_problem, read_coco_json,
+                       resolve_image_path)
 from .validation import InvalidRecord
 
 __all__ = ["CocoJsonScan", "scan_coco_json", "without_images"]
@@ -44,6 +45,11 @@ class CocoJsonScan:
         return {p.image_id for p in self.problems if p.image_id is not None}
 
 
+def _is_id(value) -> bool:
+    """An id Detectron2 can hash and pycocotools can sort: an integer or a string."""
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
 def _finite_numbers(values) -> bool:
     try:
         return all(math.isfinite(float(v)) for v in values)
@@ -68,24 +74,8 @@ def _segmentation_problem(segm) -> Optional[str]:
     return None
 
 
-def _load(json_file: str) -> dict:
-    if not os.path.isfile(json_file):
-        raise ValueError(f"COCO annotation file not found: {json_file!r}")
-    try:
-        with open(json_file, encoding="utf-8") as f:
-            data = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"COCO annotation file {json_file!r} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"COCO annotation file {json_file!r} holds a {type(data).__name__}, "
-                         "not an object with 'images', 'annotations' and 'categories'")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key, []), list):
-            raise ValueError(f"COCO annotation file {json_file!r}: '{key}' is not a list")
-    return data
-
-
-def scan_coco_json(json_file: str, image_root: str, dataset: str) -> CocoJsonScan:
+def scan_coco_json(json_file: str, image_root: str, dataset: str,
+                   allow_outside_root: bool = False) -> CocoJsonScan:
     """
     Check a COCO instances file for what Detectron2's loader or pycocotools would drop
     silently or fail on.
@@ -94,14 +84,17 @@ def scan_coco_json(json_file: str, image_root: str, dataset: str) -> CocoJsonSca
         json_file (str): the COCO JSON.
         image_root (str): its image folder (for the file names in the report).
         dataset (str): dataset name, for the report.
+        allow_outside_root (bool): accept image file names that are absolute or climb out of
+            ``image_root`` with ``..`` (the dataset's metadata ``images_outside_root``).
 
     Returns:
         CocoJsonScan: the parsed data and the problems.
 
     Raises:
-        ValueError: the file is missing, not JSON, or not shaped like a COCO file.
+        CocoSchemaError (a ValueError): the file is missing, not JSON, or not shaped like a
+            COCO file (``fpn_plugin.io.read_coco_json``).
     """
-    data = _load(json_file)
+    data = read_coco_json(json_file)
     scan = CocoJsonScan(data)
     where = f"in {json_file}"
 
@@ -112,17 +105,22 @@ def scan_coco_json(json_file: str, image_root: str, dataset: str) -> CocoJsonSca
 
     images: Dict[object, dict] = {}
     for i, image in enumerate(data.get("images", [])):
-        if not isinstance(image, dict) or "id" not in image:
+        if not isinstance(image, dict) or not _is_id(image.get("id")):
             scan.problems.append(InvalidRecord(dataset, "?", None, None,
-                                               f"images[{i}] has no 'id' ({where})"))
+                                               f"images[{i}] has no integer or string 'id' "
+                                               f"({where})"))
+            continue
+        if images and type(image["id"]) is not type(next(iter(images))):
+            report(image, None, None, f"image id {image['id']!r} is a {type(image['id']).__name__}"
+                                      " while the first image's is not (pycocotools sorts ids)")
             continue
         if image["id"] in images:
             report(image, None, None, f"image id {image['id']!r} appears twice; COCO tools "
                                       "would keep only the last entry")
             continue
         images[image["id"]] = image
-        if not isinstance(image.get("file_name"), str) or not image["file_name"]:
-            report(image, None, None, "image entry without 'file_name'")
+        for reason in _image_problems(image, image_root, allow_outside_root):
+            report(image, None, None, reason)
     categories = {c.get("id") for c in data.get("categories", []) if isinstance(c, dict)}
 
     seen_ids: Set[object] = set()
@@ -132,7 +130,7 @@ def scan_coco_json(json_file: str, image_root: str, dataset: str) -> CocoJsonSca
                 dataset, "?", None, None, f"annotations[{position}] is not an object ({where})"))
             continue
         anno_id = anno.get("id")
-        image = images.get(anno.get("image_id"))
+        image = images.get(anno.get("image_id")) if _is_id(anno.get("image_id")) else None
         ids = scan.annotation_ids.setdefault(anno.get("image_id"), []) if image else None
         index = len(ids) if ids is not None else None
         if ids is not None:
@@ -141,22 +139,44 @@ def scan_coco_json(json_file: str, image_root: str, dataset: str) -> CocoJsonSca
             report(None, None, anno_id, f"annotation id {anno_id!r} refers to image_id "
                                         f"{anno.get('image_id')!r}, which is not among the images")
             continue
-        if anno_id in seen_ids:
+        if not _is_id(anno_id):
+            report(image, index, None, f"annotation id {anno_id!r:.40} is neither an integer "
+                                       "nor a string")
+            anno_id = None
+        elif anno_id in seen_ids:
             report(image, index, anno_id, f"annotation id {anno_id!r} is not unique")
         seen_ids.add(anno_id)
-        if anno.get("category_id") not in categories:
-            report(image, index, anno_id, f"category_id {anno.get('category_id')!r} (annotation "
-                                          f"id {anno_id}) is not among the categories")
-        if anno.get("ignore", 0):
-            report(image, index, anno_id, "the 'ignore' flag is set, which Detectron2 does not "
-                                          "support")
-        if "bbox" in anno and (not isinstance(anno["bbox"], list) or len(anno["bbox"]) != 4):
-            report(image, index, anno_id, f"bbox {anno['bbox']!r} is not [x, y, width, height]")
-        if "segmentation" in anno:
-            reason = _segmentation_problem(anno["segmentation"])
-            if reason:
-                report(image, index, anno_id, reason)
+        for reason in _annotation_problems(anno, anno_id, categories):
+            report(image, index, anno_id, reason)
     return scan
+
+
+def _image_problems(image: dict, image_root: str, allow_outside_root: bool) -> List[str]:
+    problems = []
+    if not isinstance(image.get("file_name"), str) or not image["file_name"]:
+        problems.append("image entry without 'file_name'")
+    else:
+        try:
+            resolve_image_path(image_root, image["file_name"], allow_outside_root)
+        except ImagePathError as e:
+            problems.append(str(e))
+    reason = image_entry_problem(image)
+    return problems + ([reason] if reason else [])
+
+
+def _annotation_problems(anno: dict, anno_id, categories: Set[object]) -> List[str]:
+    problems = []
+    if not _is_id(anno.get("category_id")) or anno["category_id"] not in categories:
+        problems.append(f"category_id {anno.get('category_id')!r} (annotation id {anno_id}) is "
+                        "not among the categories")
+    if anno.get("ignore", 0):
+        problems.append("the 'ignore' flag is set, which Detectron2 does not support")
+    for reason in (bbox_problem(anno["bbox"]) if "bbox" in anno else None,
+                   _segmentation_problem(anno["segmentation"]) if "segmentation" in anno
+                   else None):
+        if reason:
+            problems.append(reason)
+    return problems
 
 
 def without_images(data: dict, image_ids: Set[object]) -> dict:
@@ -164,10 +184,11 @@ def without_images(data: dict, image_ids: Set[object]) -> dict:
     of images that do not exist. (An image id that appears twice is among the problems the
     scan reports, so both of its entries go.)"""
     kept = [im for im in data.get("images", [])
-            if isinstance(im, dict) and "id" in im and im["id"] not in image_ids]
+            if isinstance(im, dict) and _is_id(im.get("id")) and im["id"] not in image_ids]
     kept_ids = {im["id"] for im in kept}
     out = dict(data)
     out["images"] = kept
     out["annotations"] = [a for a in data.get("annotations", [])
-                          if isinstance(a, dict) and a.get("image_id") in kept_ids]
+                          if isinstance(a, dict) and _is_id(a.get("image_id"))
+                          and a["image_id"] in kept_ids]
     return out

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -30,6 +31,7 @@ from pycocotools import mask as mask_util
 
 # Object size is the side of its bounding square before rotation; the defaults (and the harder
 # split's values) live with the config keys that expose them.
+from ..io.output import OutputFolder
 from .config import DEFAULT_MAX_INSTANCES, DEFAULT_OBJECT_SIZE, SHAPES_HARD
 
 __all__ = [
@@ -274,9 +276,41 @@ def _is_current(json_path: str, image_dir: str, params: dict) -> bool:
     return all(os.path.isfile(os.path.join(image_dir, im["file_name"])) for im in data["images"])
 
 
+_IMAGE_NAME = re.compile(r"^\d{6}\.jpg$")
+
+
+def _claim_root(folder: OutputFolder) -> None:
+    """
+    Before generating into ``folder``: take over the files of a shapes dataset generated
+    before the output folder kept a manifest (a ``<split>.json`` carrying the generator's
+    parameters and its ``<split>/NNNNNN.jpg`` images), then refuse the folder if it still
+    holds any file the plugin did not create (a user's own dataset is never overwritten).
+    """
+    for split in _SPLIT_IDS:
+        json_path = os.path.join(folder.path, f"{split}.json")
+        if f"{split}.json" in folder.created() or not os.path.isfile(json_path):
+            continue
+        try:
+            with open(json_path, encoding="utf-8") as f:
+                ours = "fpn_plugin_shapes" in json.load(f).get("info", {})
+        except (OSError, ValueError, AttributeError, RecursionError):
+            ours = False
+        if not ours:
+            continue
+        image_dir = os.path.join(folder.path, split)
+        names = [f"{split}/{n}" for n in (os.listdir(image_dir) if os.path.isdir(image_dir)
+                                          and not os.path.islink(image_dir) else [])
+                 if _IMAGE_NAME.match(n)]
+        folder.record(f"{split}.json", *names)
+    folder.require_own("generating the shapes dataset (DATASETS.SHAPES.ROOT)")
+
+
 def _generate_split(split, num, image_size, seed, classes, max_instances, object_size,
-                    distractors, json_path, image_dir, log_every: float = 5.0):
-    os.makedirs(image_dir, exist_ok=True)
+                    distractors, folder: OutputFolder, log_every: float = 5.0):
+    # The split's previous files (ours: recorded in the manifest) go first, so no stale
+    # image of a larger earlier split stays behind; the JSON written last means "complete".
+    folder.clean([f for f in folder.created() if f == f"{split}.json" or f.startswith(f"{split}/")])
+    folder.subfolder(split)
     images, annotations = [], []
     start = last_log = time.perf_counter()
     for idx in range(num):
@@ -284,10 +318,10 @@ def _generate_split(split, num, image_size, seed, classes, max_instances, object
         image, instances = generate_shapes_image(image_size, rng, classes, max_instances,
                                                  object_size, distractors)
         file_name = f"{idx:06d}.jpg"
-        ok = cv2.imwrite(os.path.join(image_dir, file_name), image[:, :, ::-1],
-                         [cv2.IMWRITE_JPEG_QUALITY, 95])
+        ok, encoded = cv2.imencode(".jpg", image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
         if not ok:
-            raise OSError(f"could not write {os.path.join(image_dir, file_name)}")
+            raise OSError(f"could not encode {split}/{file_name}")
+        folder.write_bytes(f"{split}/{file_name}", encoded.tobytes(), durable=False)
         image_id = idx + 1
         images.append({"id": image_id, "file_name": file_name,
                        "height": image_size, "width": image_size})
@@ -316,10 +350,8 @@ def _generate_split(split, num, image_size, seed, classes, max_instances, object
         "categories": [{"id": i + 1, "name": n, "supercategory": "shape"}
                        for i, n in enumerate(classes)],
     }
-    tmp = json_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, json_path)  # the JSON appears last and whole: its presence means "complete"
+    # The JSON appears last and whole: its presence means "complete".
+    folder.write_json(f"{split}.json", data)
 
 
 def ensure_shapes_dataset(root: str, num_train: int = 400, num_val: int = 100,
@@ -347,6 +379,10 @@ def ensure_shapes_dataset(root: str, num_train: int = 400, num_val: int = 100,
 
     Returns:
         dict: split name ("train", "val") -> (json_path, image_dir).
+
+    Raises:
+        OutputFolderError (a ValueError): ``root`` is a file, or holds files fpn_plugin did not
+            create (a user's own dataset is never overwritten; see ``fpn_plugin.io.OutputFolder``).
     """
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32, got {image_size}")
@@ -361,6 +397,7 @@ def ensure_shapes_dataset(root: str, num_train: int = 400, num_val: int = 100,
     if distractors < 0:
         raise ValueError(f"distractors must be >= 0, got {distractors}")
     out = {}
+    folder = None
     for split, num in (("train", num_train), ("val", num_val)):
         if num < 1:
             raise ValueError(f"num_{split} must be >= 1, got {num}")
@@ -369,9 +406,12 @@ def ensure_shapes_dataset(root: str, num_train: int = 400, num_val: int = 100,
         params = _params(split, num, image_size, seed, classes, max_instances, object_size,
                          distractors)
         if not _is_current(json_path, image_dir, params):
+            if folder is None:
+                folder = OutputFolder(root)
+                _claim_root(folder)
             logger.info(f"Generating shapes {split} split ({num} images, {image_size} px) in {root}")
             _generate_split(split, num, image_size, seed, classes, max_instances, object_size,
-                            distractors, json_path, image_dir)
+                            distractors, folder)
         out[split] = (json_path, image_dir)
     return out
 

@@ -37,6 +37,7 @@ from ..inference.predictor import Predictor, build_test_resize, check_weights, r
 from ..utils.env import check_cuda_available
 from ..utils.files import atomic_write_json, remove_quietly, remove_stale_temp_files, \
     temp_path_beside
+from ..io.output import OutputFolder
 from ..utils.paths import check_output_dir, list_folder_images
 from . import d2_export
 from .compare import DetectionDiff, Tolerances, compare_detections
@@ -345,7 +346,7 @@ def deploy_model(cfg, weights: Optional[str] = None, *, output_dir: str,
     check_deployable(model, method)
     if fmt == "onnx":
         check_onnx_exportable(model, opset)
-    path = os.path.join(output_dir, MODEL_FILES[fmt])
+    path = OutputFolder(output_dir).file(MODEL_FILES[fmt])  # the writing boundary
     first = samples[0].image.to(model.device)
     logger.info("%s the model on %s (input %s)", "tracing" if method == "trace" else "scripting",
                 samples[0].name, tuple(first.shape))
@@ -359,7 +360,7 @@ def deploy_model(cfg, weights: Optional[str] = None, *, output_dir: str,
                              getattr(model, "_fpn_plugin_fast_inference", None), fields)
     summary = build_summary(deployed, samples, diffs, tolerances,
                             {"export": export_seconds, "total": time.perf_counter() - start})
-    atomic_write_json(os.path.join(output_dir, SUMMARY_FILE), summary)
+    atomic_write_json(OutputFolder(output_dir).file(SUMMARY_FILE), summary)
     return summary
 
 

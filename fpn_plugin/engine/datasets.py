@@ -5,6 +5,7 @@ import os
 from detectron2.utils import comm
 
 from ..data.build import DatasetCheck, InvalidRecordsError, write_invalid_records
+from ..io.output import OutputFolder
 from ..utils.files import remove_stale_temp_files
 
 __all__ = ["INVALID_RECORDS_FILE", "prepare_output_and_check_datasets"]
@@ -24,7 +25,7 @@ def prepare_output_and_check_datasets(output_dir: str, validate) -> DatasetCheck
     """
     main = comm.is_main_process()
     if main:
-        os.makedirs(output_dir, exist_ok=True)
+        OutputFolder(output_dir)  # created; an OUTPUT_DIR that is a file is refused, named
         for path in remove_stale_temp_files(output_dir):
             logger.info(f"Removed {path}, a partial file left by an interrupted run")
     report = os.path.join(output_dir, INVALID_RECORDS_FILE)

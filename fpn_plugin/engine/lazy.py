@@ -32,7 +32,6 @@ import os
 from typing import Any, Dict, List, Optional
 
 import torch
-import yaml
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import DatasetMapper, get_detection_dataset_dicts
 from detectron2.engine import SimpleTrainer, default_writers, hooks
@@ -95,15 +94,20 @@ _TRAIN_KEYS = ("output_dir", "init_checkpoint", "max_iter", "amp", "ddp", "check
 
 # -- loading and checking ------------------------------------------------------------------------
 
-def load_lazy_config(config_file: str, overrides=()) -> DictConfig:
+def load_lazy_config(config_file: str, overrides=(), allow_target_prefixes=()) -> DictConfig:
     """
     Load a LazyConfig file, apply ``key=value`` overrides (Detectron2's
     ``LazyConfig.apply_overrides``) and add the plugin's training settings it lacks.
 
+    A ``.py`` config is code and runs when loaded (run only configs you trust). A ``.yaml``
+    one is data: it goes through :func:`fpn_plugin.io.check_lazy_yaml` first (plain YAML,
+    every ``_target_`` under the allowed module prefixes plus ``allow_target_prefixes``).
+
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a .py/.yaml file, a YAML file with Python object tags, a file that
-            fails to load, or an override that does not apply (naming the file or override).
+        ValueError: not a .py/.yaml file, a YAML file with Python object tags or a
+            ``_target_`` outside the allow-list, a file that fails to load, or an override
+            that does not apply (naming the file, key path or override).
     """
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"config file not found: {config_file!r}")
@@ -111,13 +115,15 @@ def load_lazy_config(config_file: str, overrides=()) -> DictConfig:
     if ext not in (".py", ".yaml", ".yml"):
         raise ValueError(f"config file {config_file!r}: a LazyConfig is a .py or .yaml file")
     if ext != ".py":
-        _check_plain_yaml(config_file)
+        _check_plain_yaml(config_file, allow_target_prefixes)
     try:
         cfg = LazyConfig.load(config_file)
     except Exception as e:  # a syntax or import error inside the config, a broken YAML
         raise ValueError(f"config file {config_file!r} cannot be loaded: "
                          f"{type(e).__name__}: {e}") from e
     add_lazy_training_defaults(cfg)  # so overrides can set the plugin's settings
+    if isinstance(cfg.get("train"), DictConfig) and "seed" not in cfg.train:
+        cfg.train.seed = -1  # Detectron2's default_setup reads train.seed (-1: a random seed)
     for override in overrides:
         _check_override_key(cfg, override, config_file)
         try:
@@ -152,17 +158,10 @@ def _check_override_key(cfg: DictConfig, override: str, config_file: str) -> Non
                      f"write +{key}=... to add an entry on purpose")
 
 
-def _check_plain_yaml(path: str) -> None:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
-            f"config file {path!r} is not plain YAML ({first}): Detectron2 would load it with "
-            "yaml.unsafe_load, where a Python tag can run code, so it is refused. Configs "
-            "saved from the plugin's LazyConfig files are plain YAML.") from e
+def _check_plain_yaml(path: str, allow_target_prefixes=()) -> None:
+    from ..io.lazy_yaml import check_lazy_yaml
+
+    check_lazy_yaml(path, allow_target_prefixes)
 
 
 def add_lazy_training_defaults(cfg: DictConfig) -> DictConfig:

@@ -3,6 +3,8 @@ import logging
 
 from detectron2.engine import default_setup as _detectron2_default_setup
 
+from ..data.checks import check_before_setup
+
 __all__ = ["default_setup", "log_like_detectron2"]
 
 
@@ -24,5 +26,6 @@ def log_like_detectron2() -> None:
 def default_setup(cfg, args) -> None:
     """Detectron2's ``default_setup`` (log.txt, config.yaml, seed, environment report) and
     :func:`log_like_detectron2`."""
+    check_before_setup(cfg, args)  # before config.yaml is rewritten or OUTPUT_DIR made
     _detectron2_default_setup(cfg, args)
     log_like_detectron2()

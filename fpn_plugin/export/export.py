@@ -55,6 +55,7 @@ from ..evaluation.coco import check_dataset_registered
 from ..inference.predictor import Predictor, check_weights
 from ..utils.env import check_cuda_available
 from ..utils.files import remove_stale_temp_files, unique_file_stem
+from ..io.output import OutputFolder
 from ..utils.paths import IMAGE_EXTENSIONS, check_output_dir, list_folder_images
 from .coco_results import contiguous_to_dataset_ids, instances_to_coco_results
 from .masks import instance_id_map, score_order
@@ -267,9 +268,14 @@ class ImageOutputWriter:
         self.metadata = metadata
         self.to_dataset = to_dataset
         self.class_names = class_names
+        # The writing boundary: no file outside output_dir, none through a symlinked
+        # subfolder (checked here, before the model is built, and at every write).
+        self._folder = OutputFolder(output_dir)
+        for sub in _SUBFOLDERS:
+            self._folder.file(f"{sub}/_", create_folders=False)
 
     def _path(self, *parts: str) -> str:
-        return os.path.join(self.output_dir, *parts)
+        return self._folder.file("/".join(parts))
 
     def shown_instances(self, result: ImageResult):
         """The instances drawn: score >= threshold, highest score first."""

@@ -7,7 +7,7 @@ from typing import List
 
 __all__ = ["IMAGE_EXTENSIONS", "check_output_dir", "list_folder_images"]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
 def check_output_dir(output_dir: str) -> None:

@@ -18,7 +18,6 @@ dataset, image or checkpoint ends the demo with exit status 2 and one ``error: .
 import argparse
 import logging
 import os
-import shutil
 import sys
 import time
 
@@ -30,6 +29,7 @@ from fpn_plugin.data.shapes import register_shapes_from_config
 from fpn_plugin.engine import Trainer
 from fpn_plugin.engine.precision import cpu_has_native_bf16
 from fpn_plugin.engine.setup import default_setup
+from fpn_plugin.io import OutputFolder
 from fpn_plugin.utils.cli import exit_on_errors, quiet_third_party_noise
 from fpn_plugin.utils.files import atomic_write_json
 
@@ -101,15 +101,12 @@ class Stages:
         return time.perf_counter() - self.start
 
 
-def _remove_previous_run(output_dir):
-    """--fresh: delete a folder only if it looks like a demo/training output."""
-    if not os.path.isdir(output_dir):
-        return
-    markers = ("config.yaml", "metrics.json", "last_checkpoint", "log.txt")
-    if os.listdir(output_dir) and not any(os.path.exists(os.path.join(output_dir, m))
-                                          for m in markers):
-        raise SystemExit(f"--fresh: {output_dir} does not look like a demo output; not deleting")
-    shutil.rmtree(output_dir)
+def _remove_previous_run(folder: OutputFolder) -> None:
+    """--fresh: delete the files earlier demo runs created in the folder, and nothing else;
+    a folder that holds anything else is refused (``OutputFolderError``, exit 2)."""
+    folder.require_own("--fresh")
+    removed = folder.clean()
+    logger.info(f"--fresh: removed {len(removed)} file(s) of the previous run in {folder.path}")
 
 
 def main(argv=None):
@@ -122,9 +119,19 @@ def main(argv=None):
 
 def run(args):
     cfg = build_cfg(args)
+    folder = OutputFolder(cfg.OUTPUT_DIR)  # refuses an OUTPUT_DIR that is a file
     if args.fresh:
-        _remove_previous_run(cfg.OUTPUT_DIR)
-    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+        _remove_previous_run(folder)
+    before = folder.files()
+    try:
+        return _run(args, cfg)
+    finally:
+        # What the trainer, evaluator and export wrote becomes the demo's, so the next
+        # --fresh removes exactly that (a SIGKILLed run's files stay foreign: --fresh refuses).
+        folder.adopt_new(before)
+
+
+def _run(args, cfg):
     default_setup(cfg, argparse.Namespace(config_file=args.config_file, eval_only=False,
                                           opts=args.opts))
     stages = Stages()
