@@ -29,6 +29,7 @@ naming the flag, key, file or id, without a traceback. ``projects/fpn_mask_rcnn/
 """
 import argparse
 import os
+import sys
 from typing import Callable, NamedTuple, Optional, Sequence
 
 __all__ = ["CONFIG_KINDS", "ConfigFile", "build_parser", "cli", "main", "resolve_config_file",
@@ -211,14 +212,19 @@ def cli(argv: Optional[Sequence[str]] = None, kind: Optional[str] = None) -> Non
     ``kind`` ("yaml", "lazy"; None: by the config file) in each.
     """
     from .engine.launch import check_launch_args, launch_entry
-    from .utils.cli import exit_on_errors, quiet_third_party_noise
+    from .utils.cli import EXIT_INTERRUPTED, exit_on_errors, quiet_third_party_noise
 
     quiet_third_party_noise()
     args = build_parser().parse_args(argv)
     with exit_on_errors(ValueError):
         check_launch_args(args.num_gpus, args.num_machines, args.machine_rank)
     print("Command Line Args:", args)
-    launch_entry(main if kind is None else _ENTRIES[kind], args)
+    try:
+        launch_entry(main if kind is None else _ENTRIES[kind], args)
+    except KeyboardInterrupt:  # Ctrl-C: one line and 130, as the export and deploy commands
+        print("interrupted: training stopped; --resume continues from the last checkpoint in "
+              "OUTPUT_DIR", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None
 
 
 if __name__ == "__main__":

@@ -51,6 +51,27 @@ def _last_checkpoint_iter(out):
 
 
 @pytest.mark.timeout(900)
+def test_ctrl_c_during_training_exits_130_with_one_line(tmp_path):
+    """Ctrl-C (SIGINT) while training: exit status 130, one `interrupted:` line, no traceback;
+    the checkpoints written so far stay (issue 24)."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_train_cmd(tmp_path, max_iter=100000), cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while proc.poll() is None and _last_checkpoint_iter(out) is None:
+            time.sleep(0.2)
+        assert proc.poll() is None, "training stopped before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert "interrupted: training stopped" in stderr
+    assert _last_checkpoint_iter(out) is not None
+
+
 def test_sigkill_then_resume_continues_to_max_iter(tmp_path):
     out = tmp_path / "out"
     # A run that cannot end by itself before the kill (MAX_ITER far away).
