@@ -16,5 +16,5 @@ with warnings.catch_warnings():
 from .config import add_fpn_plugin_config, load_config, with_plugin_defaults
 from .utils.env import has_compiled_ops
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["add_fpn_plugin_config", "has_compiled_ops", "load_config", "with_plugin_defaults"]
