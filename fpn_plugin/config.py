@@ -2,14 +2,15 @@
 import os
 from typing import Sequence
 
-from .data.config import add_data_config
+from .data.config import add_data_config, add_shapes_config, names_shapes_dataset
 from .engine.config import add_engine_config
 from .inference.config import add_inference_config
 from .mask_head.config import add_mask_head_config
 from .neck.config import add_neck_config
 from .rpn.config import add_rpn_config
 
-__all__ = ["add_fpn_plugin_config", "load_config", "with_plugin_defaults"]
+__all__ = ["add_fpn_plugin_config", "add_shapes_config", "load_config", "uses_shapes_dataset",
+           "with_plugin_defaults"]
 
 _COMPONENT_ADDERS = [add_neck_config, add_rpn_config, add_mask_head_config, add_data_config,
                      add_engine_config, add_inference_config]
@@ -20,6 +21,9 @@ def add_fpn_plugin_config(cfg):
     Add every fpn_plugin config key, with its default, to ``cfg`` (in place).
 
     Call it on a fresh config (``get_cfg()``) before merging a YAML that uses plugin keys.
+    The embedded shapes dataset's keys (``DATASETS.SHAPES.*``) are not among them:
+    ``add_shapes_config(cfg)`` adds those, and ``load_config`` does so for a config that
+    uses that dataset.
     Detectron2's global defaults are never edited, so configs built without this call are
     unaffected. Calling it twice on one config is harmless; on a frozen config it raises.
 
@@ -62,9 +66,26 @@ def with_plugin_defaults(cfg):
     return full
 
 
+def uses_shapes_dataset(config_file: str, opts: Sequence[str] = ()) -> bool:
+    """
+    Whether the YAML ``config_file`` (its ``_BASE_`` files included) or the overrides ``opts``
+    name a ``shapes_*`` dataset or set ``DATASETS.SHAPES``: the configs that get the shapes
+    dataset's keys (``add_shapes_config``). False for a file that cannot be read as plain YAML
+    (merging it reports why).
+    """
+    from detectron2.config import CfgNode
+
+    try:
+        content = CfgNode.load_yaml_with_base(config_file, allow_unsafe=False)
+    except Exception:
+        content = {}
+    return names_shapes_dataset(content if isinstance(content, dict) else {}, opts)
+
+
 def load_config(config_file: str, opts: Sequence[str] = (), *, freeze: bool = True):
     """
-    The config of the plugin's command-line entries: Detectron2's defaults, the plugin's keys,
+    The config of the plugin's command-line entries: Detectron2's defaults, the plugin's keys
+    (and the shapes dataset's where the config uses it: ``uses_shapes_dataset``),
     ``config_file`` and the trailing ``KEY VALUE`` overrides ``opts``.
 
     Raises:
@@ -78,6 +99,8 @@ def load_config(config_file: str, opts: Sequence[str] = (), *, freeze: bool = Tr
         raise FileNotFoundError(f"config file not found: {config_file!r}")
     cfg = get_cfg()
     add_fpn_plugin_config(cfg)
+    if uses_shapes_dataset(config_file, opts):
+        add_shapes_config(cfg)
     try:
         cfg.merge_from_file(config_file)
         cfg.merge_from_list(list(opts))
