@@ -8,6 +8,7 @@ from .inference.config import add_inference_config
 from .mask_head.config import add_mask_head_config
 from .neck.config import add_neck_config
 from .rpn.config import add_rpn_config
+from .utils.config import add_missing_keys
 
 __all__ = ["add_fpn_plugin_config", "add_shapes_config", "load_config", "uses_shapes_dataset",
            "with_plugin_defaults"]
@@ -37,16 +38,8 @@ def add_fpn_plugin_config(cfg):
     scratch = cfg.clone()
     for add in _COMPONENT_ADDERS:
         add(scratch)
-    _add_missing(cfg, scratch)
+    add_missing_keys(cfg, scratch)
     return cfg
-
-
-def _add_missing(dst, src):
-    for key, value in src.items():
-        if key not in dst:
-            dst[key] = value
-        elif isinstance(value, type(dst)) and isinstance(dst[key], type(dst)):
-            _add_missing(dst[key], value)
 
 
 def with_plugin_defaults(cfg):

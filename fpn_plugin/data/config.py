@@ -2,6 +2,7 @@
 the embedded shapes dataset (the configs that use it)."""
 from typing import Mapping, Sequence
 
+from ..utils.config import add_missing_keys
 from .images import DEFAULT_MAX_IMAGE_PIXELS
 
 # Accepted values of DATALOADER.INVALID_RECORDS.
@@ -87,16 +88,8 @@ def add_shapes_config(cfg):
     shapes.HARD.DISTRACTORS = SHAPES_HARD["distractors"]
     if "SHAPES" not in cfg.DATASETS:
         cfg.DATASETS.SHAPES = node()
-    _fill_missing(cfg.DATASETS.SHAPES, shapes)
+    add_missing_keys(cfg.DATASETS.SHAPES, shapes)
     return cfg
-
-
-def _fill_missing(dst, src):
-    for key, value in src.items():
-        if key not in dst:
-            dst[key] = value
-        elif isinstance(value, type(dst)) and isinstance(dst[key], type(dst)):
-            _fill_missing(dst[key], value)
 
 
 def names_shapes_dataset(config: Mapping, opts: Sequence[str] = ()) -> bool:

@@ -1,7 +1,18 @@
-"""The one check that a config went through ``add_fpn_plugin_config``."""
+"""The one check that a config went through ``add_fpn_plugin_config``, and the one way to add
+default keys without resetting the values a config has."""
 from typing import Callable, Iterator
 
-__all__ = ["require_plugin_keys"]
+__all__ = ["add_missing_keys", "require_plugin_keys"]
+
+
+def add_missing_keys(dst, src) -> None:
+    """Copy into the config node ``dst`` the keys of ``src`` it lacks, recursively; the values
+    ``dst`` already has are kept."""
+    for key, value in src.items():
+        if key not in dst:
+            dst[key] = value
+        elif isinstance(value, type(dst)) and isinstance(dst[key], type(dst)):
+            add_missing_keys(dst[key], value)
 
 
 def _missing_keys(cfg, complete, prefix: str = "") -> Iterator[str]:
