@@ -8,7 +8,7 @@ from .inference.config import add_inference_config
 from .mask_head.config import add_mask_head_config
 from .neck.config import add_neck_config
 from .rpn.config import add_rpn_config
-from .utils.config import add_missing_keys
+from .utils.config import add_missing_keys, with_missing_keys
 
 __all__ = ["add_fpn_plugin_config", "add_shapes_config", "load_config", "uses_shapes_dataset",
            "with_plugin_defaults"]
@@ -33,13 +33,9 @@ def add_fpn_plugin_config(cfg):
     """
     if cfg.is_frozen():
         raise ValueError("add_fpn_plugin_config: the config is frozen; call it before cfg.freeze()")
-    # Adders write defaults into a scratch copy; only keys the config lacks are taken over, so
-    # a second call never resets values the user already set.
-    scratch = cfg.clone()
-    for add in _COMPONENT_ADDERS:
-        add(scratch)
-    add_missing_keys(cfg, scratch)
-    return cfg
+    # Only keys the config lacks are taken over, so a second call never resets values the user
+    # already set.
+    return add_missing_keys(cfg, _COMPONENT_ADDERS)
 
 
 def with_plugin_defaults(cfg):
@@ -49,14 +45,7 @@ def with_plugin_defaults(cfg):
     a config built without ``add_fpn_plugin_config``: every default reproduces Detectron2, so a
     plain Detectron2 config behaves as Detectron2 would.
     """
-    full = cfg.clone()
-    full.defrost()
-    add_fpn_plugin_config(full)
-    if full == cfg:
-        return cfg
-    if cfg.is_frozen():
-        full.freeze()
-    return full
+    return with_missing_keys(cfg, _COMPONENT_ADDERS)
 
 
 def uses_shapes_dataset(config_file: str, opts: Sequence[str] = ()) -> bool:

@@ -62,8 +62,13 @@ def add_shapes_config(cfg):
     ``DISTRACTORS``) for the harder split ``shapes_hard_train``/``shapes_hard_val``; see
     ``fpn_plugin.data.shapes.ensure_shapes_dataset``.
     """
+    return add_missing_keys(cfg, [_write_shapes_defaults])
+
+
+def _write_shapes_defaults(cfg):
+    """Every ``DATASETS.SHAPES`` key at its default (on the scratch copy add_missing_keys makes)."""
     node = type(cfg)
-    shapes = node()
+    shapes = cfg.DATASETS.SHAPES = node()
     # Folder of the generated images and COCO JSON files (relative to the working directory).
     shapes.ROOT = "datasets/generated/shapes"
     # Images in the training / held-out validation split.
@@ -86,10 +91,6 @@ def add_shapes_config(cfg):
     shapes.HARD.OBJECT_SIZE = list(SHAPES_HARD["object_size"])
     shapes.HARD.MAX_INSTANCES = SHAPES_HARD["max_instances"]
     shapes.HARD.DISTRACTORS = SHAPES_HARD["distractors"]
-    if "SHAPES" not in cfg.DATASETS:
-        cfg.DATASETS.SHAPES = node()
-    add_missing_keys(cfg.DATASETS.SHAPES, shapes)
-    return cfg
 
 
 def names_shapes_dataset(config: Mapping, opts: Sequence[str] = ()) -> bool:

@@ -1,18 +1,42 @@
-"""The one check that a config went through ``add_fpn_plugin_config``, and the one way to add
-default keys without resetting the values a config has."""
-from typing import Callable, Iterator
+"""The one check that a config went through ``add_fpn_plugin_config``, and the one way keys
+are added with their defaults."""
+from typing import Callable, Iterable, Iterator
 
-__all__ = ["add_missing_keys", "require_plugin_keys"]
+__all__ = ["add_missing_keys", "require_plugin_keys", "with_missing_keys"]
 
 
-def add_missing_keys(dst, src) -> None:
-    """Copy into the config node ``dst`` the keys of ``src`` it lacks, recursively; the values
-    ``dst`` already has are kept."""
+def _copy_missing(dst, src) -> None:
     for key, value in src.items():
         if key not in dst:
             dst[key] = value
         elif isinstance(value, type(dst)) and isinstance(dst[key], type(dst)):
-            add_missing_keys(dst[key], value)
+            _copy_missing(dst[key], value)
+
+
+def add_missing_keys(cfg, adders: Iterable[Callable]):
+    """
+    Add to ``cfg`` (in place, not frozen) the keys that the config adders ``adders`` add and it
+    lacks, with their defaults. The adders run on a scratch copy, so values the config already
+    has are never reset (calling it twice is harmless). Returns ``cfg``.
+    """
+    scratch = cfg.clone()
+    for add in adders:
+        add(scratch)
+    _copy_missing(cfg, scratch)
+    return cfg
+
+
+def with_missing_keys(cfg, adders: Iterable[Callable]):
+    """``cfg`` if it has every key ``adders`` add, else a copy with the missing ones at their
+    defaults (frozen if ``cfg`` is)."""
+    full = cfg.clone()
+    full.defrost()
+    add_missing_keys(full, adders)
+    if full == cfg:
+        return cfg
+    if cfg.is_frozen():
+        full.freeze()
+    return full
 
 
 def _missing_keys(cfg, complete, prefix: str = "") -> Iterator[str]:
