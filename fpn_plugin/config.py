@@ -48,22 +48,6 @@ def with_plugin_defaults(cfg):
     return with_missing_keys(cfg, _COMPONENT_ADDERS)
 
 
-def uses_shapes_dataset(config_file: str, opts: Sequence[str] = ()) -> bool:
-    """
-    Whether the YAML ``config_file`` (its ``_BASE_`` files included) or the overrides ``opts``
-    name a ``shapes_*`` dataset or set ``DATASETS.SHAPES``: the configs that get the shapes
-    dataset's keys (``add_shapes_config``). False for a file that cannot be read as plain YAML
-    (merging it reports why).
-    """
-    from detectron2.config import CfgNode
-
-    try:
-        content = CfgNode.load_yaml_with_base(config_file, allow_unsafe=False)
-    except Exception:
-        content = {}
-    return names_shapes_dataset(content if isinstance(content, dict) else {}, opts)
-
-
 def load_config(config_file: str, opts: Sequence[str] = (), *, freeze: bool = True):
     """
     The config of the plugin's command-line entries: Detectron2's defaults, the plugin's keys
@@ -94,3 +78,19 @@ def load_config(config_file: str, opts: Sequence[str] = (), *, freeze: bool = Tr
     if freeze:
         cfg.freeze()
     return cfg
+
+
+def uses_shapes_dataset(config_file: str, opts: Sequence[str] = ()) -> bool:
+    """
+    Whether the YAML ``config_file`` (its ``_BASE_`` files included) or the overrides ``opts``
+    name a ``shapes_*`` dataset or set ``DATASETS.SHAPES``: the configs that get the shapes
+    dataset's keys (``add_shapes_config``). False for a file that cannot be read as plain YAML
+    (merging it reports why).
+    """
+    from detectron2.config import CfgNode
+
+    try:
+        content = CfgNode.load_yaml_with_base(config_file, allow_unsafe=False)
+    except Exception:
+        content = {}
+    return names_shapes_dataset(content if isinstance(content, dict) else {}, opts)
