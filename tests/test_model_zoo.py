@@ -80,3 +80,38 @@ def test_detectron2_configs_read_as_its_model_zoo_reads_them():
         model_zoo.get_detectron2_config_file("common/models/mask_rcnn_fpm.py")
     with pytest.raises(ValueError, match="LazyConfig"):
         model_zoo.get_detectron2_config("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml")
+
+
+def _train_module():
+    try:
+        import fpn_plugin.train as train
+    except ImportError:
+        pytest.skip("fpn_plugin.train (issue 25) is not in this checkout yet")
+    return train
+
+
+def test_training_entry_takes_model_zoo_names(tmp_path, monkeypatch):
+    train = _train_module()
+    lazy = "Demo/mask_rcnn_R_18_custom_fpn_shapes.py"
+    yaml_name = "COCO-InstanceSegmentation/mask_rcnn_R_50_custom_fpn_1x.yaml"
+    monkeypatch.chdir(tmp_path)
+    assert train.resolve_config_file(lazy) == (model_zoo.get_config_file(lazy), "lazy")
+    assert train.resolve_config_file(yaml_name) == (model_zoo.get_config_file(yaml_name), "yaml")
+    # A file of that name here comes first; a missing absolute path is left to the loader.
+    (tmp_path / "COCO-InstanceSegmentation").mkdir()
+    (tmp_path / yaml_name).write_text("SOLVER:\n  MAX_ITER: 2\n")
+    assert train.resolve_config_file(yaml_name) == (yaml_name, "yaml")
+    missing = str(tmp_path / "missing.yaml")
+    assert train.resolve_config_file(missing) == (missing, "yaml")
+    with pytest.raises(FileNotFoundError, match="did you mean: Demo/mask_rcnn_R_18_custom_fpn"):
+        train.resolve_config_file("Demo/mask_rcnn_R_18_custom_fpn_shape.yaml")
+
+
+def test_training_entry_refuses_an_unknown_name_in_one_line(capsys):
+    train = _train_module()
+    with pytest.raises(SystemExit) as e:
+        train.cli(["--config-file", "Demo/mask_rcnn_R_18_custom_fpn_shape.yaml"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert err.strip().startswith("error: config file not found") and \
+        "Demo/mask_rcnn_R_18_custom_fpn_shapes.yaml" in err
