@@ -72,11 +72,11 @@ class InvalidRecordsError(ValueError):
         self.problems = list(problems)
 
 
-def check_invalid_record_policy(policy: str) -> str:
-    """Return ``policy`` if it is a known ``DATALOADER.INVALID_RECORDS`` value, else raise."""
+def check_invalid_record_policy(policy: str, key: str = "DATALOADER.INVALID_RECORDS") -> str:
+    """Return ``policy`` if it is a known invalid-records policy, else raise naming ``key``
+    (the setting's name in the caller's config: YAML by default)."""
     if policy not in INVALID_RECORD_POLICIES:
-        raise ValueError(
-            f"DATALOADER.INVALID_RECORDS must be one of {INVALID_RECORD_POLICIES}, got {policy!r}")
+        raise ValueError(f"{key} must be one of {INVALID_RECORD_POLICIES}, got {policy!r}")
     return policy
 
 

@@ -44,10 +44,11 @@ class ImageFileError(ValueError):
     """An image file that is missing, unreadable, truncated or larger than the pixel limit."""
 
 
-def check_max_image_pixels(value) -> int:
-    """Return ``INPUT.MAX_IMAGE_PIXELS`` if usable (an int >= 0), else raise naming the key."""
+def check_max_image_pixels(value, key: str = "INPUT.MAX_IMAGE_PIXELS") -> int:
+    """Return the pixel limit ``value`` if usable (an int >= 0), else raise naming ``key`` (the
+    setting's name in the caller's config: YAML by default)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"INPUT.MAX_IMAGE_PIXELS must be an integer >= 0 (0: no limit), "
+        raise ValueError(f"{key} must be an integer >= 0 (0: no limit), "
                          f"got {value!r}")
     return value
 

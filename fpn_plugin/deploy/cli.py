@@ -21,7 +21,13 @@ import sys
 import warnings
 from typing import List, Optional
 
-from ..utils.cli import EXIT_BAD_INPUT, log_to_stderr, quiet_third_party_noise
+from ..utils.cli import (
+    apply_device_option,
+    inference_parser,
+    log_to_stderr,
+    quiet_third_party_noise,
+    run_command,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -33,14 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .onnx_export import DEFAULT_OPSET
 
     tol = Tolerances()
-    p = argparse.ArgumentParser(
-        prog="python -m fpn_plugin.deploy",
-        description="Write a Mask R-CNN as TorchScript or ONNX and check the written model "
-                    "against the eager one on sample images.",
+    p = inference_parser(
+        "python -m fpn_plugin.deploy",
+        "Write a Mask R-CNN as TorchScript or ONNX and check the written model "
+        "against the eager one on sample images.",
     )
-    p.add_argument("--config-file", required=True, metavar="FILE", help="model config (YAML)")
-    p.add_argument("--weights", default=None, metavar="FILE",
-                   help="checkpoint (.pth/.pkl); default: MODEL.WEIGHTS of the config")
     p.add_argument("--format", required=True, dest="fmt",
                    help="torchscript (model.ts) or onnx (model.onnx, run with ONNX Runtime)")
     p.add_argument("--method", default="trace",
@@ -74,29 +77,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     quiet_third_party_noise()
     args = build_parser().parse_args(argv)
     from ..checkpoint import CheckpointError
-    from ..export.cli import setup_cfg
-    from .compare import Tolerances
-    from .deploy import deploy_model
 
     log_to_stderr()
-    try:
-        with warnings.catch_warnings():
-            # The tracer's and the ONNX exporter's notes on constants are about Detectron2's
-            # code, checked by the comparison that follows.
-            warnings.simplefilter("ignore")
-            tolerances = Tolerances(args.box_tolerance, args.score_tolerance, args.mask_tolerance)
-            cfg = setup_cfg(args.config_file, args.opts, args.device)
-            summary = deploy_model(
-                cfg, args.weights, output_dir=args.output, fmt=args.fmt, method=args.method,
-                dataset=args.dataset, image_dir=args.images, max_images=args.max_images,
-                opset=args.opset, tolerances=tolerances, config_file=args.config_file,
-            )
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("interrupted: the model file is written only when complete", file=sys.stderr)
-        return 130
+    status, summary = run_command(lambda: _deploy(args),
+                                  (ValueError, FileNotFoundError, CheckpointError),
+                                  "the model file is written only when complete")
+    if status:
+        return status
     line = {"model_file": summary["model_file"], "passed": summary["passed"]}
     line.update(summary["largest"])
     print(json.dumps(line))
@@ -105,3 +92,22 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"{summary['tolerances']}; see {args.output}/summary.json", file=sys.stderr)
         return EXIT_CHECK_FAILED
     return 0
+
+
+def _deploy(args) -> dict:
+    from ..config import load_config
+    from .compare import Tolerances
+    from .deploy import deploy_model
+
+    with warnings.catch_warnings():
+        # The tracer's and the ONNX exporter's notes on constants are about Detectron2's
+        # code, checked by the comparison that follows.
+        warnings.simplefilter("ignore")
+        tolerances = Tolerances(args.box_tolerance, args.score_tolerance, args.mask_tolerance)
+        cfg = load_config(args.config_file, args.opts, freeze=False)
+        apply_device_option(cfg, args.device)
+        return deploy_model(
+            cfg, args.weights, output_dir=args.output, fmt=args.fmt, method=args.method,
+            dataset=args.dataset, image_dir=args.images, max_images=args.max_images,
+            opset=args.opset, tolerances=tolerances, config_file=args.config_file,
+        )

@@ -13,30 +13,31 @@ The files are written to temporary names and renamed when complete. The sample i
 ones given (a folder or a registered dataset, the first ``max_images``), plus a crop of the
 first one to 3/4 of its width: a size the model was not traced at, so a trace that baked in its
 input size fails the check.
+
+The steps, as in Detectron2's ``tools/deploy/export_model.py``: the model comes from
+:class:`fpn_plugin.inference.predictor.Predictor`; one writer per format
+(:func:`write_torchscript`, :func:`write_onnx`), one :func:`verify` of the written model
+against the eager one on the samples, one :func:`build_summary`.
 """
 import logging
 import os
 import platform
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import detectron2
-import numpy as np
 import torch
-from detectron2.data import detection_utils as d2_utils
-from detectron2.data import transforms as T
-from detectron2.modeling import build_model
 
-from ..checkpoint import CheckpointError, SafeDetectionCheckpointer, split_checkpoint_query
 from ..config import with_plugin_defaults
 from ..data.build import load_dataset_records
 from ..data.images import check_max_image_pixels, read_image_checked
 from ..evaluation.coco import check_dataset_registered
-from ..export.export import check_output_dir
-from ..inference import prepare_for_inference
+from ..inference.predictor import Predictor, build_test_resize, check_weights, resize_for_model
+from ..utils.env import check_cuda_available
 from ..utils.files import atomic_write_json, remove_quietly, remove_stale_temp_files, \
     temp_path_beside
+from ..utils.paths import check_output_dir, list_folder_images
 from . import d2_export
 from .compare import DetectionDiff, Tolerances, compare_detections
 from .fields import plugin_fields
@@ -58,8 +59,8 @@ from .onnx_export import (
     export_onnx,
 )
 
-__all__ = ["FORMATS", "MODEL_FILES", "SUMMARY_FILE", "SampleImage", "deploy_model",
-           "list_sample_images"]
+__all__ = ["FORMATS", "MODEL_FILES", "SUMMARY_FILE", "SampleImage", "build_summary",
+           "deploy_model", "list_sample_images", "verify", "write_onnx", "write_torchscript"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,18 +96,9 @@ def _check_options(fmt: str, method: str, max_images: int, opset: int) -> None:
 
 def _check_output_dir(output_dir: str) -> None:
     try:
-        check_output_dir(output_dir)  # the export's check: the same rules and messages
+        check_output_dir(output_dir)  # the entries' one check: the same rules and messages
     except ValueError as e:
         raise DeployError(str(e)) from e
-
-
-def _check_weights(weights: Optional[str]) -> str:
-    if not weights:
-        raise DeployError("no weights: pass --weights (or set MODEL.WEIGHTS)")
-    local, _ = split_checkpoint_query(weights)
-    if "://" not in local and not os.path.isfile(local):
-        raise CheckpointError(f"checkpoint file not found (--weights): {weights!r}")
-    return weights
 
 
 def list_sample_images(cfg, *, dataset: Optional[str] = None, image_dir: Optional[str] = None,
@@ -118,8 +110,6 @@ def list_sample_images(cfg, *, dataset: Optional[str] = None, image_dir: Optiona
     Raises:
         ValueError / FileNotFoundError: naming the folder or dataset.
     """
-    from ..export.export import list_folder_images
-
     if dataset is not None and image_dir is not None:
         raise DeployError("pass at most one of --dataset and --images")
     if image_dir is not None:
@@ -147,14 +137,12 @@ def list_sample_images(cfg, *, dataset: Optional[str] = None, image_dir: Optiona
 
 def _load_samples(cfg, files: List[Tuple[str, str]]) -> List[SampleImage]:
     """Read and resize each image as Detectron2's DefaultPredictor does; add the crop."""
-    augment = T.AugmentationList(d2_utils.build_augmentation(cfg, is_train=False))
+    resize = build_test_resize(cfg)
     max_pixels = check_max_image_pixels(cfg.INPUT.MAX_IMAGE_PIXELS)
     samples = []
     for name, path in files:
         image = read_image_checked(path, cfg.INPUT.FORMAT, max_pixels)
-        aug = T.AugInput(image)
-        augment(aug)
-        tensor = torch.as_tensor(np.ascontiguousarray(aug.image.transpose(2, 0, 1))).float()
+        tensor = resize_for_model(resize, image).float()
         samples.append(SampleImage(name, path, tuple(image.shape[:2]), tensor))
     first = samples[0].image
     width = max(int(first.shape[2] * CROP_FRACTION), 1)
@@ -183,6 +171,128 @@ def _largest(diffs: List[DetectionDiff]) -> Dict[str, Any]:
         "pasted_mask_pixels": sum(d.pasted_mask_pixels for d in diffs),
         "bitwise_equal": all(d.bitwise_equal for d in diffs),
     }
+
+
+def write_torchscript(model, image: torch.Tensor, path: str, method: str,
+                      opset: int) -> Optional[Dict[str, type]]:
+    """Trace ``model`` on ``image`` or script it; save it to ``path`` (atomically). Returns the
+    scripted ``Instances`` fields (None when traced)."""
+    if method == "script":
+        fields = plugin_fields(model)
+        _save_torchscript(script_model(model, fields), path)
+        return fields
+    _save_torchscript(trace_model(model, image), path)
+    return None
+
+
+def write_onnx(model, image: torch.Tensor, path: str, method: str, opset: int) -> None:
+    """Trace ``model`` on ``image`` and export the trace to ONNX ``opset`` at ``path``."""
+    traced = trace_model(model, image)
+    logger.info("exporting to ONNX (opset %d)", opset)
+    export_onnx(traced, image, path, opset)
+
+
+# format -> (writer, loader of the written file onto a device)
+_FORMATS: Dict[str, Tuple[Callable, Callable]] = {
+    "torchscript": (write_torchscript,
+                    lambda path, device: torch.jit.load(path, map_location=device)),
+    "onnx": (write_onnx, lambda path, device: OnnxRuntimeModel(path)),
+}
+
+
+def verify(deployed, eager, samples: List[SampleImage]) -> List[DetectionDiff]:
+    """
+    Run the deployed model (TorchScript module or ONNX Runtime session) and the eager model
+    on every sample; one :class:`~fpn_plugin.deploy.compare.DetectionDiff` per sample, pasted
+    at the sample's original size.
+    """
+    diffs = []
+    for k, sample in enumerate(samples):
+        image = sample.image.to(eager.device)
+        want = eager_outputs(eager, image)
+        with torch.no_grad():
+            got = outputs_to_instances(deployed(image))
+        diff = compare_detections(want, got, *sample.original_size)
+        diffs.append(diff)
+        logger.info("image %d/%d %s: %d eager / %d deployed detections, largest box diff %.3g "
+                    "px, score %.3g, mask %.3g", k + 1, len(samples), sample.name,
+                    diff.eager_detections, diff.deployed_detections, diff.max_box_diff,
+                    diff.max_score_diff, diff.max_mask_diff)
+    return diffs
+
+
+@dataclass
+class DeployedModel:
+    """What was written, and how (the summary's head)."""
+
+    model_file: str
+    fmt: str
+    method: str
+    config_file: Optional[str]
+    weights: str
+    device: str
+    opset: int
+    fast_inference: Optional[Tuple[str, bool]]
+    scripted_fields: Optional[Dict[str, type]]
+
+
+_INTERFACE = {
+    "input": "image: float32 (3, H, W), INPUT.FORMAT channel order, resized as "
+             "DefaultPredictor does (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST)",
+    "outputs": list(OUTPUT_NAMES),
+    "postprocess": "fpn_plugin.deploy.postprocess (Detectron2's detector_postprocess) "
+                   "scales boxes to the original image and pastes the masks",
+}
+
+
+def build_summary(deployed: DeployedModel, samples: List[SampleImage],
+                  diffs: List[DetectionDiff], tolerances: Tolerances,
+                  seconds: Dict[str, float]) -> Dict[str, Any]:
+    """The summary.json of a deployment: the model written, versions, per-image comparison,
+    the largest differences and the verdict ``passed``."""
+    onnx = deployed.fmt == "onnx"
+    fast, fields = deployed.fast_inference, deployed.scripted_fields
+    images = [dict(name=sample.name, file_name=sample.file_name,
+                   input_size=list(sample.image.shape[1:]),
+                   original_size=list(sample.original_size),
+                   traced_on=deployed.method == "trace" and k == 0, **diff.to_dict())
+              for k, (sample, diff) in enumerate(zip(samples, diffs))]
+    return {
+        "model_file": deployed.model_file,
+        "format": deployed.fmt,
+        "method": deployed.method,
+        "config_file": deployed.config_file,
+        "weights": deployed.weights,
+        "device": deployed.device,
+        "opset": deployed.opset if onnx else None,
+        "fast_inference": {"precision": fast[0], "channels_last": fast[1]} if fast else None,
+        "scripted_fields": sorted(fields) if fields is not None else None,
+        "interface": _INTERFACE,
+        "versions": {
+            "torch": torch.__version__,
+            "detectron2": detectron2.__version__,
+            "detectron2_export_helpers": d2_export.source(),
+            "onnxruntime": _version("onnxruntime") if onnx else None,
+            "python": platform.python_version(),
+        },
+        "tolerances": asdict(tolerances),
+        "images": images,
+        "largest": _largest(diffs),
+        "passed": all(d.within(tolerances) for d in diffs),
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+    }
+
+
+def _deploy_config(cfg, fmt: str):
+    """The plugin's defaults added; ONNX is traced and checked on the CPU."""
+    cfg = with_plugin_defaults(cfg)
+    if fmt == "onnx" and str(cfg.MODEL.DEVICE) != "cpu":
+        logger.info("--format onnx: tracing and checking on the CPU (ONNX Runtime's CPU "
+                    "provider), not on MODEL.DEVICE %r", cfg.MODEL.DEVICE)
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.MODEL.DEVICE = "cpu"
+    return cfg
 
 
 def deploy_model(cfg, weights: Optional[str] = None, *, output_dir: str,
@@ -221,106 +331,34 @@ def deploy_model(cfg, weights: Optional[str] = None, *, output_dir: str,
             that cannot be deployed this way; the message names the option, key or file.
     """
     start = time.perf_counter()
-    cfg = with_plugin_defaults(cfg)
     _check_options(fmt, method, max_images, opset)
-    weights = _check_weights(weights or cfg.MODEL.WEIGHTS)
-    if fmt == "onnx":
-        if str(cfg.MODEL.DEVICE) != "cpu":
-            logger.info("--format onnx: tracing and checking on the CPU (ONNX Runtime's CPU "
-                        "provider), not on MODEL.DEVICE %r", cfg.MODEL.DEVICE)
-            cfg = cfg.clone()
-            cfg.defrost()
-            cfg.MODEL.DEVICE = "cpu"
-    device = str(cfg.MODEL.DEVICE)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DeployError(f"MODEL.DEVICE is {device!r} but CUDA is not available; "
-                          "pass --device cpu")
+    cfg = _deploy_config(cfg, fmt)
+    weights = check_weights(weights or cfg.MODEL.WEIGHTS)
+    check_cuda_available(cfg.MODEL.DEVICE)
     _check_output_dir(output_dir)
     remove_stale_temp_files(output_dir)
     files = list_sample_images(cfg, dataset=dataset, image_dir=image_dir, max_images=max_images)
     samples = _load_samples(cfg, files)
 
     logger.info("building the model and loading %s", weights)
-    model = build_model(cfg)
-    model.eval()
-    SafeDetectionCheckpointer(model, strict=True).load(weights, checkpointables=[])
-    prepare_for_inference(model, cfg)
+    model = Predictor(cfg, weights).model
     check_deployable(model, method)
     if fmt == "onnx":
         check_onnx_exportable(model, opset)
-
     path = os.path.join(output_dir, MODEL_FILES[fmt])
     first = samples[0].image.to(model.device)
-    fields = None
     logger.info("%s the model on %s (input %s)", "tracing" if method == "trace" else "scripting",
                 samples[0].name, tuple(first.shape))
-    if method == "script":
-        fields = plugin_fields(model)
-        _save_torchscript(script_model(model, fields), path)
-    else:
-        traced = trace_model(model, first)
-        if fmt == "torchscript":
-            _save_torchscript(traced, path)
-        else:
-            logger.info("exporting to ONNX (opset %d)", opset)
-            export_onnx(traced, first, path, opset)
+    write, load = _FORMATS[fmt]
+    fields = write(model, first, path, method, opset)
     export_seconds = time.perf_counter() - start
 
     logger.info("loading %s back and checking it against the eager model", path)
-    if fmt == "onnx":
-        deployed = OnnxRuntimeModel(path)
-    else:
-        deployed = torch.jit.load(path, map_location=model.device)
-    records, diffs = [], []
-    for k, sample in enumerate(samples):
-        image = sample.image.to(model.device)
-        want = eager_outputs(model, image)
-        with torch.no_grad():
-            got = outputs_to_instances(deployed(image))
-        diff = compare_detections(want, got, *sample.original_size)
-        diffs.append(diff)
-        records.append(dict(name=sample.name, file_name=sample.file_name,
-                            input_size=list(image.shape[1:]),
-                            original_size=list(sample.original_size),
-                            traced_on=method == "trace" and k == 0, **diff.to_dict()))
-        logger.info("image %d/%d %s: %d eager / %d deployed detections, largest box diff %.3g "
-                    "px, score %.3g, mask %.3g", k + 1, len(samples), sample.name,
-                    diff.eager_detections, diff.deployed_detections, diff.max_box_diff,
-                    diff.max_score_diff, diff.max_mask_diff)
-    largest = _largest(diffs)
-    passed = all(d.within(tolerances) for d in diffs)
-    fast = getattr(model, "_fpn_plugin_fast_inference", None)
-    summary = {
-        "model_file": path,
-        "format": fmt,
-        "method": method,
-        "config_file": config_file,
-        "weights": weights,
-        "device": str(model.device),
-        "opset": opset if fmt == "onnx" else None,
-        "fast_inference": {"precision": fast[0], "channels_last": fast[1]} if fast else None,
-        "scripted_fields": sorted(fields) if fields is not None else None,
-        "interface": {
-            "input": "image: float32 (3, H, W), INPUT.FORMAT channel order, resized as "
-                     "DefaultPredictor does (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST)",
-            "outputs": list(OUTPUT_NAMES),
-            "postprocess": "fpn_plugin.deploy.postprocess (Detectron2's detector_postprocess) "
-                           "scales boxes to the original image and pastes the masks",
-        },
-        "versions": {
-            "torch": torch.__version__,
-            "detectron2": detectron2.__version__,
-            "detectron2_export_helpers": d2_export.source(),
-            "onnxruntime": _version("onnxruntime") if fmt == "onnx" else None,
-            "python": platform.python_version(),
-        },
-        "tolerances": asdict(tolerances),
-        "images": records,
-        "largest": largest,
-        "passed": passed,
-        "seconds": {"export": round(export_seconds, 3),
-                    "total": round(time.perf_counter() - start, 3)},
-    }
+    diffs = verify(load(path, model.device), model, samples)
+    deployed = DeployedModel(path, fmt, method, config_file, weights, str(model.device), opset,
+                             getattr(model, "_fpn_plugin_fast_inference", None), fields)
+    summary = build_summary(deployed, samples, diffs, tolerances,
+                            {"export": export_seconds, "total": time.perf_counter() - start})
     atomic_write_json(os.path.join(output_dir, SUMMARY_FILE), summary)
     return summary
 

@@ -4,21 +4,15 @@ DistributedDataParallel for models on CPU, and a check that every rank resumed a
 Detectron2's ``create_ddp_model`` passes ``device_ids=[local_rank]`` whatever the model's
 device, which ``DistributedDataParallel`` refuses for a CPU module (v0.6 and main alike), so
 ``DefaultTrainer`` cannot train on CPU with several processes. ``create_ddp_model`` here is
-Detectron2's with ``device_ids=None`` for a CPU model; ``cpu_capable_ddp()`` makes
-``DefaultTrainer``'s constructor use it. Everything else (``broadcast_buffers=False``,
+Detectron2's with ``device_ids=None`` for a CPU model; both trainers wrap their model with it
+(``fpn_plugin.engine.precision.build_train_loop``). Everything else (``broadcast_buffers=False``,
 ``find_unused_parameters=False``, gradient averaging) stays Detectron2's and torch's.
 """
-import contextlib
-from typing import Iterator
-
-from detectron2.engine import defaults as _d2_defaults
+from detectron2.engine import create_ddp_model as _D2_CREATE_DDP_MODEL
 from detectron2.utils import comm
 from torch import nn
 
-__all__ = ["create_ddp_model", "cpu_capable_ddp", "check_resumed_alike", "check_started_alike"]
-
-# Bound once, so the swap in cpu_capable_ddp never calls itself.
-_D2_CREATE_DDP_MODEL = _d2_defaults.create_ddp_model
+__all__ = ["create_ddp_model", "check_resumed_alike", "check_started_alike"]
 
 
 def _check_no_cuda_only_sync_bn(model: nn.Module) -> None:
@@ -52,20 +46,6 @@ def create_ddp_model(model: nn.Module, **kwargs) -> nn.Module:
             _check_no_cuda_only_sync_bn(model)
             kwargs["device_ids"] = None  # DDP's rule for CPU modules
     return _D2_CREATE_DDP_MODEL(model, **kwargs)
-
-
-@contextlib.contextmanager
-def cpu_capable_ddp() -> Iterator[None]:
-    """
-    Within the block, ``DefaultTrainer`` wraps its model with ``create_ddp_model`` above
-    (Detectron2's trainer looks the function up in ``detectron2.engine.defaults`` at call
-    time; it has no hook for it). GPU models are wrapped exactly as before.
-    """
-    _d2_defaults.create_ddp_model = create_ddp_model
-    try:
-        yield
-    finally:
-        _d2_defaults.create_ddp_model = _D2_CREATE_DDP_MODEL
 
 
 def check_resumed_alike(trainer) -> None:

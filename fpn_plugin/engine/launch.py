@@ -27,7 +27,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.utils import comm
 
-__all__ = ["DEFAULT_TIMEOUT", "call_in_rank_order", "launch", "launch_entry", "launch_from_env",
+__all__ = ["DEFAULT_TIMEOUT", "call_in_rank_order", "check_launch_args", "launch", "launch_entry",
+           "launch_from_env",
            "started_by_torchrun", "detectron2_launch_supports_this_machine"]
 
 logger = logging.getLogger(__name__)
@@ -214,6 +215,21 @@ def call_in_rank_order(fn):
     if comm.get_local_rank() != 0:
         result = fn()
     return result
+
+
+def check_launch_args(num_gpus, num_machines, machine_rank) -> None:
+    """
+    Raise a ``ValueError`` naming the flag (``--num-gpus``, ``--num-machines``,
+    ``--machine-rank``) when the values cannot describe a job: a machine rank outside
+    ``[0, num_machines)`` would otherwise wait for peers that never come.
+    """
+    for flag, value, minimum in (("--num-gpus", num_gpus, 1), ("--num-machines", num_machines, 1),
+                                 ("--machine-rank", machine_rank, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{flag} must be an integer >= {minimum}, got {value!r}")
+    if machine_rank >= num_machines:
+        raise ValueError(f"--machine-rank {machine_rank} is not below --num-machines "
+                         f"{num_machines}: machines are numbered 0 to {num_machines - 1}")
 
 
 def launch_entry(main_func, args) -> None:

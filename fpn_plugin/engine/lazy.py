@@ -9,14 +9,15 @@ Training and evaluation from Detectron2's Python configs (LazyConfig), the way D
   ``key=value`` overrides; every error names the file or the override.
 - The plugin's training settings, added with their defaults where a config lacks them
   (:data:`LAZY_TRAINING_DEFAULTS`, the twins of the YAML keys) and checked once, each error
-  naming its key (:func:`check_lazy_training_config`).
+  naming its key (:func:`check_lazy_training_config`: the config's structure here, the
+  settings both formats share by :func:`fpn_plugin.engine.settings.check_training_settings`).
 - Datasets named by ``get_detection_dataset_dicts`` nodes are validated once before training
   (:func:`validate_lazy_datasets`, policy ``dataloader.invalid_records``); the loaders get the
   checked records and check every image read (``dataloader.max_image_pixels``).
 - Detectron2's ``COCOEvaluator`` uses its fast COCOeval only where the compiled ops exist.
 - Checkpoints are read and written by :class:`~fpn_plugin.checkpoint.SafeDetectionCheckpointer`
   (optimizer state saved on Detectron2 v0.6 too); the divergence guard, the skipped-records
-  metric and the training curve are the YAML trainer's hooks.
+  metric and the training curve are :mod:`fpn_plugin.engine.hooks`, as for the YAML trainer.
 - DDP through :func:`fpn_plugin.engine.ddp.create_ddp_model` (CPU models with gloo too);
   ``train.amp.enabled`` trains with the YAML entry's fast training path
   (:mod:`fpn_plugin.engine.precision`): ``train.amp.precision`` "auto" is fp16 with a gradient
@@ -26,7 +27,6 @@ Training and evaluation from Detectron2's Python configs (LazyConfig), the way D
 """
 import copy
 import logging
-import math
 import os
 from typing import Any, Dict, List, Optional
 
@@ -42,20 +42,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint import SafeDetectionCheckpointer
 from ..data.build import DatasetCheck, check_datasets
-from ..data.config import INVALID_RECORD_POLICIES
 from ..data.images import DEFAULT_MAX_IMAGE_PIXELS, CheckedMapper
 from ..utils.env import has_compiled_ops
 from ..utils.files import safe_file_stem
+from .datasets import prepare_output_and_check_datasets
 from .ddp import check_started_alike
-from .precision import build_train_loop, check_training_precision
+from .hooks import DivergenceGuard, InvalidRecordsMetric, TrainingCurve, divergence_reported
 from .launch import call_in_rank_order
-from .trainer import (
-    _DivergenceGuard,
-    _InvalidRecordsMetric,
-    _TrainingCurve,
-    divergence_reported,
-    prepare_output_and_check_datasets,
-)
+from .precision import build_train_loop
+from .settings import LAZY_KEYS, check_precision_settings, check_training_settings, lazy_reader
 
 __all__ = [
     "LAZY_TRAINING_DEFAULTS",
@@ -207,21 +202,7 @@ def check_lazy_training_config(cfg: DictConfig, eval_only: bool = False) -> None
     _require(cfg, ["model", "train", "dataloader.test", "dataloader.evaluator"]
              + [f"train.{k}" for k in _TRAIN_KEYS if k != "init_checkpoint"]
              + ([] if eval_only else ["dataloader.train", "optimizer", "lr_multiplier"]))
-    device = str(cfg.train.device)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"train.device={device!r} but CUDA is not available: set "
-                         "train.device=cpu")
-    _training_precision(cfg)
-    policy = cfg.dataloader.invalid_records
-    if policy not in INVALID_RECORD_POLICIES:
-        raise ValueError(f"dataloader.invalid_records must be one of {INVALID_RECORD_POLICIES}, "
-                         f"got {policy!r}")
-    if not isinstance(cfg.dataloader.check_images, bool):
-        raise ValueError(f"dataloader.check_images must be True or False, got "
-                         f"{cfg.dataloader.check_images!r}")
-    if not _is_int(cfg.dataloader.max_image_pixels, 0):
-        raise ValueError(f"dataloader.max_image_pixels must be an integer >= 0 (0: no limit), "
-                         f"got {cfg.dataloader.max_image_pixels!r}")
+    check_training_settings(lazy_reader(cfg), LAZY_KEYS, eval_only=eval_only)
     _check_shapes(cfg.dataloader.shapes)
     for key, minimum in (("max_iter", 1), ("eval_period", 0), ("log_period", 1)):
         if not _is_int(cfg.train[key], minimum):
@@ -230,16 +211,6 @@ def check_lazy_training_config(cfg: DictConfig, eval_only: bool = False) -> None
     if not _is_int(cfg.train.checkpointer.get("period"), 1):
         raise ValueError(f"train.checkpointer.period must be an integer >= 1, got "
                          f"{cfg.train.checkpointer.get('period')!r}")
-    factor = cfg.train.divergence_factor
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or \
-            not math.isfinite(factor) or (factor != 0 and factor <= 1):
-        raise ValueError(f"train.divergence_factor must be 0 (off) or a finite number > 1, "
-                         f"got {factor!r}")
-    if not eval_only:
-        lr = cfg.optimizer.get("lr")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) \
-                or lr <= 0:
-            raise ValueError(f"optimizer.lr must be a finite number > 0, got {lr!r}")
 
 
 def _check_shapes(shapes) -> None:
@@ -430,13 +401,7 @@ def build_lazy_train_loop(cfg: DictConfig, model: torch.nn.Module, data_loader,
 def _training_precision(cfg: DictConfig) -> str:
     """"fp32", "bf16" or "fp16" for ``train.amp`` and ``train.channels_last`` on
     ``train.device`` (errors name those keys)."""
-    amp = cfg.train.amp
-    if not isinstance(amp.enabled, bool):
-        raise ValueError(f"train.amp.enabled must be True or False, got {amp.enabled!r}")
-    device_type = "cuda" if str(cfg.train.device).startswith("cuda") else "cpu"
-    return check_training_precision(
-        amp.precision if amp.enabled else "fp32", device_type, cfg.train.channels_last,
-        keys=("train.amp.precision", "train.channels_last"))
+    return check_precision_settings(lazy_reader(cfg), LAZY_KEYS)
 
 
 def _state_outside_loop(loop, optimizer) -> Dict[str, Any]:
@@ -488,10 +453,10 @@ class LazyTrainer:
 
     def build_hooks(self) -> List[hooks.HookBase]:
         cfg, main = self.cfg, comm.is_main_process()
-        ret = [_InvalidRecordsMetric(self.dataset_check.num_skipped)]
+        ret = [InvalidRecordsMetric(self.dataset_check.num_skipped)]
         if cfg.train.divergence_factor:
             # Early, so that a diverged model is never checkpointed or evaluated.
-            ret.append(_DivergenceGuard(cfg.train.divergence_factor, cfg.optimizer.lr,
+            ret.append(DivergenceGuard(cfg.train.divergence_factor, cfg.optimizer.lr,
                                         keys=("train.divergence_factor", "optimizer.lr")))
         ret += [
             hooks.IterationTimer(),
@@ -504,7 +469,7 @@ class LazyTrainer:
         ]
         if main:
             # Last, so it runs after PeriodicWriter has flushed metrics.json in after_train.
-            ret.append(_TrainingCurve(cfg.train.output_dir))
+            ret.append(TrainingCurve(cfg.train.output_dir))
         return [h for h in ret if h is not None]
 
     def _test(self):

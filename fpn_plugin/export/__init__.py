@@ -3,7 +3,8 @@ Mask export: COCO results JSON (RLE), instance-id PNGs and overlays from a Detec
 written streaming and atomically. Command line: ``python -m fpn_plugin.export --help``.
 """
 from .coco_results import contiguous_to_dataset_ids, instances_to_coco_results
-from .export import IMAGE_EXTENSIONS, RESULTS_FILE, export_masks, list_folder_images
+from ..utils.paths import IMAGE_EXTENSIONS, list_folder_images
+from .export import RESULTS_FILE, export_masks
 from .masks import instance_id_map, score_order
 from .progress import ProgressLogger
 from .writers import StreamingJSONArrayWriter, atomic_write_bytes, atomic_write_json

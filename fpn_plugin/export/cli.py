@@ -20,7 +20,13 @@ import os
 import sys
 from typing import List, Optional
 
-from ..utils.cli import EXIT_BAD_INPUT, log_to_stderr, quiet_third_party_noise
+from ..utils.cli import (
+    apply_device_option,
+    inference_parser,
+    log_to_stderr,
+    quiet_third_party_noise,
+    run_command,
+)
 
 __all__ = ["build_parser", "main", "setup_cfg"]
 
@@ -28,14 +34,11 @@ logger = logging.getLogger("fpn_plugin.export")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m fpn_plugin.export",
-        description="Run a Detectron2 (fpn_plugin) model on a registered dataset or a folder "
-                    "of images; write COCO results JSON (RLE), instance-id PNGs and overlays.",
+    p = inference_parser(
+        "python -m fpn_plugin.export",
+        "Run a Detectron2 (fpn_plugin) model on a registered dataset or a folder "
+        "of images; write COCO results JSON (RLE), instance-id PNGs and overlays.",
     )
-    p.add_argument("--config-file", required=True, metavar="FILE", help="model config (YAML)")
-    p.add_argument("--weights", default=None, metavar="FILE",
-                   help="checkpoint (.pth/.pkl); default: MODEL.WEIGHTS of the config")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", metavar="NAME",
                      help="a dataset registered in DatasetCatalog (Detectron2's builtin ones, "
@@ -63,18 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_cfg(config_file: str, opts: List[str], device: Optional[str] = None):
-    """``fpn_plugin.config.load_config`` + the device choice; frozen."""
-    import torch
-
+    """``fpn_plugin.config.load_config`` + the ``--device`` choice; frozen."""
     from ..config import load_config
 
     cfg = load_config(config_file, opts, freeze=False)
-    if device:
-        cfg.MODEL.DEVICE = device
-    elif str(cfg.MODEL.DEVICE).startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("MODEL.DEVICE is %r but CUDA is not available: running on cpu",
-                       cfg.MODEL.DEVICE)
-        cfg.MODEL.DEVICE = "cpu"
+    apply_device_option(cfg, device)
     cfg.freeze()
     return cfg
 
@@ -84,49 +80,50 @@ def main(argv: Optional[List[str]] = None) -> int:
     quiet_third_party_noise()
     args = build_parser().parse_args(argv)
     log_to_stderr()
-
     from ..checkpoint import CheckpointError
-    from ..data.shapes import register_shapes_if_named
-    from ..evaluation import build_coco_evaluator
-    from .export import check_output_dir, export_masks
 
-    try:
-        if args.register_coco:
-            if not args.dataset:
-                raise ValueError("--register-coco needs --dataset NAME")
-            from detectron2.data import DatasetCatalog
-            from detectron2.data.datasets import register_coco_instances
-
-            if args.dataset not in DatasetCatalog.list():
-                register_coco_instances(args.dataset, {}, *args.register_coco)
-        if args.eval and not args.dataset:
-            raise ValueError("--eval needs --dataset (a folder of images has no annotations)")
-        cfg = setup_cfg(args.config_file, args.opts, args.device)
-        if args.dataset:
-            register_shapes_if_named(cfg, [args.dataset])
-        evaluator = None
-        if args.eval:
-            check_output_dir(args.output)  # before the evaluator writes into it
-            evaluator = build_coco_evaluator(args.dataset, os.path.join(args.output, "coco_eval"),
-                                             tasks=("bbox", "segm"), distributed=False)
-        # stdout carries only the final JSON lines; pycocotools prints its tables to stdout.
-        with contextlib.redirect_stdout(sys.stderr):
-            summary = export_masks(
-                cfg, args.weights, output_dir=args.output, dataset=args.dataset,
-                image_dir=args.images, score_threshold=args.score_threshold,
-                binary_masks=args.binary_masks, overlays=not args.no_overlays,
-                evaluator=evaluator, max_images=args.max_images,
-                progress_period_s=args.progress_period,
-            )
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("interrupted: no results JSON written (a previous complete one is unchanged)",
-              file=sys.stderr)
-        return 130
+    status, summary = run_command(
+        lambda: _export(args), (ValueError, FileNotFoundError, CheckpointError),
+        "no results JSON written (a previous complete one is unchanged)")
+    if status:
+        return status
     print(json.dumps({k: summary[k] for k in ("results_json", "num_images", "num_exported",
                                               "num_detections")}))
     if summary.get("metrics"):
         print(json.dumps(summary["metrics"]))
     return 0
+
+
+def _export(args) -> dict:
+    from ..data.shapes import register_shapes_if_named
+    from ..evaluation import build_coco_evaluator
+    from ..utils.paths import check_output_dir
+    from .export import export_masks
+
+    if args.register_coco:
+        if not args.dataset:
+            raise ValueError("--register-coco needs --dataset NAME")
+        from detectron2.data import DatasetCatalog
+        from detectron2.data.datasets import register_coco_instances
+
+        if args.dataset not in DatasetCatalog.list():
+            register_coco_instances(args.dataset, {}, *args.register_coco)
+    if args.eval and not args.dataset:
+        raise ValueError("--eval needs --dataset (a folder of images has no annotations)")
+    cfg = setup_cfg(args.config_file, args.opts, args.device)
+    if args.dataset:
+        register_shapes_if_named(cfg, [args.dataset])
+    evaluator = None
+    if args.eval:
+        check_output_dir(args.output)  # before the evaluator writes into it
+        evaluator = build_coco_evaluator(args.dataset, os.path.join(args.output, "coco_eval"),
+                                         tasks=("bbox", "segm"), distributed=False)
+    # stdout carries only the final JSON lines; pycocotools prints its tables to stdout.
+    with contextlib.redirect_stdout(sys.stderr):
+        return export_masks(
+            cfg, args.weights, output_dir=args.output, dataset=args.dataset,
+            image_dir=args.images, score_threshold=args.score_threshold,
+            binary_masks=args.binary_masks, overlays=not args.no_overlays,
+            evaluator=evaluator, max_images=args.max_images,
+            progress_period_s=args.progress_period,
+        )

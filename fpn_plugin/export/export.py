@@ -30,8 +30,8 @@ into one folder at once. The JSON files are also fsynced; the many small per-ima
 not (a power loss, unlike a crash of the process, may lose the last few of them).
 
 The steps: :func:`plan_export` checks everything that can be checked before the model is built
-(:class:`ExportPlan`); :class:`_Inference` runs the model; :class:`ImageOutputWriter` writes one
-:class:`ImageResult`'s files.
+(:class:`ExportPlan`); :class:`fpn_plugin.inference.predictor.Predictor` runs the model;
+:class:`ImageOutputWriter` writes one :class:`ImageResult`'s files.
 """
 import logging
 import math
@@ -45,18 +45,17 @@ import numpy as np
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as d2_utils
-from detectron2.data import transforms as T
-from detectron2.modeling import build_model
 
-from ..checkpoint import CheckpointError, SafeDetectionCheckpointer, split_checkpoint_query
 from ..config import with_plugin_defaults
 from ..data.build import InvalidRecordsError, load_dataset_records
 from ..data.images import DEFAULT_MAX_IMAGE_PIXELS, check_max_image_pixels, read_image_checked
 from ..data.shapes import SHAPE_CLASSES, SHAPES_DATASET_NAMES
 from ..data.validation import format_invalid_records
 from ..evaluation.coco import check_dataset_registered
-from ..inference import prepare_for_inference
+from ..inference.predictor import Predictor, check_weights
+from ..utils.env import check_cuda_available
 from ..utils.files import remove_stale_temp_files, unique_file_stem
+from ..utils.paths import IMAGE_EXTENSIONS, check_output_dir, list_folder_images
 from .coco_results import contiguous_to_dataset_ids, instances_to_coco_results
 from .masks import instance_id_map, score_order
 from .progress import ProgressLogger
@@ -76,28 +75,8 @@ RESULTS_FILE = "coco_instances_results.json"
 IMAGES_FILE = "images.json"
 SUMMARY_FILE = "summary.json"
 LOCK_FILE = ".export.lock"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # Sub-folders the export writes into (where stale temporary files are looked for).
 _SUBFOLDERS = ("instance_maps", "overlays", "instance_masks", "coco_eval")
-
-
-def list_folder_images(image_dir: str) -> List[str]:
-    """
-    Image files directly inside ``image_dir`` (by extension, case-insensitive), sorted by name.
-
-    Raises:
-        FileNotFoundError: ``image_dir`` is not a folder.
-        ValueError: it holds no image files.
-    """
-    if not os.path.isdir(image_dir):
-        raise FileNotFoundError(f"image folder not found: {image_dir!r}")
-    files = sorted(
-        os.path.join(image_dir, f) for f in os.listdir(image_dir)
-        if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(image_dir, f))
-    )
-    if not files:
-        raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {image_dir!r}")
-    return files
 
 
 def _is_number(value) -> bool:
@@ -176,24 +155,6 @@ class ImageResult:
     instances: Any  # detectron2 Instances on CPU, at the image's size
 
 
-def _check_weights(weights: str) -> None:
-    local, _ = split_checkpoint_query(weights)
-    if "://" not in local and not os.path.isfile(local):
-        raise CheckpointError(f"checkpoint file not found: {weights!r}")
-
-
-def check_output_dir(output_dir: str) -> None:
-    """Create ``output_dir`` if needed; raise a ``ValueError`` naming it if it is unusable."""
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ValueError(f"output folder (--output) {output_dir!r} exists and is not a folder")
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"cannot create the output folder (--output) {output_dir!r}: {e}") from e
-    if not os.access(output_dir, os.W_OK | os.X_OK):
-        raise ValueError(f"output folder (--output) {output_dir!r} is not writable")
-
-
 def _dataset_items(dataset: str) -> List[ExportItem]:
     check_dataset_registered(dataset)
     loaded = load_dataset_records(dataset)
@@ -265,14 +226,8 @@ def plan_export(cfg, weights: Optional[str], *, output_dir: str, dataset: Option
     """
     if (dataset is None) == (image_dir is None):
         raise ValueError("pass exactly one of dataset= (a registered name) and image_dir=")
-    weights = weights or cfg.MODEL.WEIGHTS
-    if not weights:
-        raise ValueError("no weights: pass weights= (or --weights) or set MODEL.WEIGHTS")
-    _check_weights(weights)
-    device = str(cfg.MODEL.DEVICE)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"MODEL.DEVICE is {device!r} but CUDA is not available; "
-                         "set MODEL.DEVICE to 'cpu'")
+    weights = check_weights(weights or cfg.MODEL.WEIGHTS)
+    check_cuda_available(cfg.MODEL.DEVICE)
     check_output_dir(output_dir)
     if dataset is not None:
         items = _dataset_items(dataset)
@@ -292,34 +247,6 @@ def plan_export(cfg, weights: Optional[str], *, output_dir: str, dataset: Option
     class_names = metadata.get("thing_classes") if metadata is not None else None
     return ExportPlan(weights, items, output_dir, dataset, image_dir, metadata, to_dataset,
                       class_names, renamed)
-
-
-class _Inference:
-    """build_model + safe strict weight loading + test-time resize, like DefaultPredictor."""
-
-    def __init__(self, cfg, weights: str):
-        self.model = build_model(cfg)
-        self.model.eval()
-        SafeDetectionCheckpointer(self.model, strict=True).load(weights, checkpointables=[])
-        prepare_for_inference(self.model, cfg)
-        self.augmentations = T.AugmentationList(d2_utils.build_augmentation(cfg, is_train=False))
-
-    def __call__(self, image: np.ndarray, inputs: Dict[str, Any]) -> Dict[str, Any]:
-        """
-        Args:
-            image (np.ndarray): (H, W, C) uint8 in cfg.INPUT.FORMAT.
-            inputs (dict): "height"/"width" the outputs are scaled to, plus ids for evaluators.
-
-        Returns:
-            dict: the model's output for the image ("instances" on the model's device).
-        """
-        aug_input = T.AugInput(image)
-        self.augmentations(aug_input)
-        resized = aug_input.image
-        model_input = dict(inputs)
-        model_input["image"] = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
-        with torch.no_grad():
-            return self.model([model_input])[0]
 
 
 class ImageOutputWriter:
@@ -497,21 +424,47 @@ def export_masks(cfg, weights: Optional[str] = None, *, output_dir: str,
     writer = ImageOutputWriter(output_dir, options, cfg.INPUT.FORMAT, plan.metadata,
                                plan.to_dataset, plan.class_names)
     with _exclusive_output_folder(output_dir):
-        inference = _Inference(cfg, plan.weights)
-        return _run(plan, inference, writer, evaluator, options, cfg.INPUT.FORMAT)
+        predictor = Predictor(cfg, plan.weights)
+        return _run(plan, predictor, writer, evaluator, options, cfg.INPUT.FORMAT)
 
 
-def _run(plan: ExportPlan, inference: _Inference, writer: ImageOutputWriter, evaluator,
+def _run(plan: ExportPlan, predictor: Predictor, writer: ImageOutputWriter, evaluator,
          options: ExportOptions, image_format: str) -> Dict[str, Any]:
-    items = plan.items
+    """Predict and write every image of the plan, then the summary (and evaluation)."""
     source = f"dataset {plan.dataset!r}" if plan.dataset else repr(plan.image_dir)
-    logger.info("exporting %d images from %s to %s", len(items), source, plan.output_dir)
+    logger.info("exporting %d images from %s to %s", len(plan.items), source, plan.output_dir)
     if evaluator is not None:
         evaluator.reset()
+    start = time.perf_counter()
+    skipped, num_detections = _export_images(plan, predictor, writer, evaluator, options,
+                                             image_format)
+    summary = _summary(plan, skipped, num_detections, time.perf_counter() - start)
+    evaluation_error = _evaluate(evaluator, summary) if evaluator is not None else None
+    atomic_write_json(os.path.join(plan.output_dir, SUMMARY_FILE), summary, indent=2, default=str)
+    logger.info("exported %d/%d images (%d detections) in %.1f s; skipped %d",
+                summary["num_exported"], len(plan.items), num_detections, summary["seconds"],
+                len(skipped))
+    for s in skipped:
+        logger.warning("skipped %s: %s", s["file_name"], s["error"])
+    if evaluation_error:
+        raise ValueError(f"the export is complete ({summary['results_json']}, summary.json), "
+                         f"but evaluation failed: {evaluation_error}")
+    return summary
+
+
+def _export_images(plan: ExportPlan, predictor: Predictor, writer: ImageOutputWriter, evaluator,
+                   options: ExportOptions, image_format: str):
+    """
+    The image loop: read (unreadable images are listed and skipped), predict, stream the
+    results JSON and images.json, write the per-image files, feed the evaluator.
+
+    Returns:
+        (skipped records, number of detections).
+    """
+    items = plan.items
     skipped: List[Dict[str, Any]] = []
     num_detections = 0
     progress = ProgressLogger(len(items), "export", logger, period_s=options.progress_period_s)
-    start = time.perf_counter()
     with ExitStack() as stack:
         results = stack.enter_context(
             StreamingJSONArrayWriter(os.path.join(plan.output_dir, RESULTS_FILE)))
@@ -530,7 +483,7 @@ def _run(plan: ExportPlan, inference: _Inference, writer: ImageOutputWriter, eva
             height, width = image.shape[:2]
             inputs = {"image_id": item.image_id, "file_name": item.file_name,
                       "height": height, "width": width}
-            outputs = inference(image, inputs)
+            outputs = predictor(image, inputs)
             instances = outputs["instances"].to("cpu")
             for record in instances_to_coco_results(instances, item.image_id, plan.to_dataset):
                 results.write(record)
@@ -545,31 +498,24 @@ def _run(plan: ExportPlan, inference: _Inference, writer: ImageOutputWriter, eva
             raise ValueError(f"none of the {len(items)} images could be read; first error: "
                              f"{skipped[0]['file_name']}: {skipped[0]['error']}")
         # Leaving the ExitStack commits images.json, then the results JSON.
+    return skipped, num_detections
 
-    summary: Dict[str, Any] = {
+
+def _summary(plan: ExportPlan, skipped: List[Dict[str, Any]], num_detections: int,
+             seconds: float) -> Dict[str, Any]:
+    return {
         "dataset": plan.dataset,
         "image_dir": plan.image_dir,
         "weights": plan.weights,
-        "num_images": len(items),
-        "num_exported": len(items) - len(skipped),
+        "num_images": len(plan.items),
+        "num_exported": len(plan.items) - len(skipped),
         "num_detections": num_detections,
         "skipped": skipped,
         "renamed": plan.renamed,
         "results_json": os.path.join(plan.output_dir, RESULTS_FILE),
         "category_ids": "dataset" if plan.to_dataset is not None else "contiguous",
-        "seconds": round(time.perf_counter() - start, 3),
+        "seconds": round(seconds, 3),
     }
-    evaluation_error = _evaluate(evaluator, summary) if evaluator is not None else None
-    atomic_write_json(os.path.join(plan.output_dir, SUMMARY_FILE), summary, indent=2, default=str)
-    logger.info("exported %d/%d images (%d detections) in %.1f s; skipped %d",
-                summary["num_exported"], len(items), num_detections, summary["seconds"],
-                len(skipped))
-    for s in skipped:
-        logger.warning("skipped %s: %s", s["file_name"], s["error"])
-    if evaluation_error:
-        raise ValueError(f"the export is complete ({summary['results_json']}, summary.json), "
-                         f"but evaluation failed: {evaluation_error}")
-    return summary
 
 
 def _read_checked(item: ExportItem, image_format: str, max_pixels: int) -> np.ndarray:

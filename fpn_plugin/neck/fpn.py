@@ -133,16 +133,7 @@ class CustomFPN(Backbone):
         )
         self._make_extra_pathways(stages, out_channels, norm, fuse_type, weighted_fusion_eps)
 
-        self._out_feature_strides = {name: s for name, s in zip(level_names, strides)}
-        if top_block is not None:
-            last = stages[-1]
-            for s in range(last, last + top_block.num_levels):
-                self._out_feature_strides[f"p{s + 1}"] = 2 ** (s + 1)
-        self._out_features = list(self._out_feature_strides.keys())
-        self._out_feature_channels = {k: out_channels for k in self._out_features}
-        # Every merge (top-down and any extra pathway) is between the input levels, so inputs
-        # divisible by the coarsest input stride make all of them line up exactly.
-        self._size_divisibility = strides[-1]
+        self._record_output_shapes(level_names, strides, stages, out_channels)
         self._square_pad = square_pad
         self._upsample_mode = upsample_mode
         self._top_block_reads_backbone = reads_backbone
@@ -228,6 +219,21 @@ class CustomFPN(Backbone):
                     )
                     results.insert(0, output_conv(prev_features))
         return results
+
+    def _record_output_shapes(self, level_names: List[str], strides: List[int],
+                              stages: List[int], out_channels: int) -> None:
+        """The pyramid's level names, strides and channels (``output_shape``), the top block's
+        levels included, and the size divisibility the merges need."""
+        self._out_feature_strides = {name: s for name, s in zip(level_names, strides)}
+        if self.top_block is not None:
+            last = stages[-1]
+            for s in range(last, last + self.top_block.num_levels):
+                self._out_feature_strides[f"p{s + 1}"] = 2 ** (s + 1)
+        self._out_features = list(self._out_feature_strides.keys())
+        self._out_feature_channels = {k: out_channels for k in self._out_features}
+        # Every merge (top-down and any extra pathway) is between the input levels, so inputs
+        # divisible by the coarsest input stride make all of them line up exactly.
+        self._size_divisibility = strides[-1]
 
     def _add_level_conv_pairs(
         self, stages: List[int], make_pair, prefixes: Tuple[str, str]

@@ -128,59 +128,15 @@ def find_top_proposals_per_level(
     batch_idx = _to_device_of(torch.arange(num_images, device=device), like)
 
     # 1. Top-k candidates of every level (a loop over levels, never over boxes).
-    top_scores: List[torch.Tensor] = []
-    top_boxes: List[torch.Tensor] = []
-    top_levels: List[torch.Tensor] = []
-    for level, (boxes_i, logits_i) in enumerate(zip(proposals, pred_objectness_logits)):
-        logits_i = logits_i[:num_images]
-        num_anchors = logits_i.shape[1]
-        if isinstance(num_anchors, torch.Tensor):  # a size is a tensor while tracing
-            k = torch.clamp(num_anchors, max=pre_nms_topk[level])
-        else:
-            k = min(num_anchors, pre_nms_topk[level])
-        scores_i, idx = logits_i.topk(k, dim=1)
-        top_scores.append(scores_i)
-        top_boxes.append(boxes_i[batch_idx[:, None], idx])
-        top_levels.append(
-            _to_device_of(torch.full((k,), level, dtype=torch.int64, device=device), like)
-        )
-    scores = torch.cat(top_scores, dim=1)  # (N, K)
-    boxes = torch.cat(top_boxes, dim=1)  # (N, K, 4)
-    levels = torch.cat(top_levels, dim=0)  # (K,)
-
-    # 2. Clip each image's boxes to that image (same clamps as Boxes.clip), then flatten
-    # the batch so the remaining steps are single tensor ops over all images.
-    clipped: List[torch.Tensor] = []
-    for n, image_size in enumerate(image_sizes):
-        h, w = image_size[0], image_size[1]
-        b = boxes[n]
-        clipped.append(
-            torch.stack(
-                (
-                    b[:, 0].clamp(min=0, max=w),
-                    b[:, 1].clamp(min=0, max=h),
-                    b[:, 2].clamp(min=0, max=w),
-                    b[:, 3].clamp(min=0, max=h),
-                ),
-                dim=-1,
-            )
-        )
-    flat_boxes = torch.cat(clipped, dim=0)  # (N*K, 4)
+    scores, boxes, levels = _top_candidates_per_level(
+        proposals, pred_objectness_logits, num_images, batch_idx, pre_nms_topk)
+    # 2. Clip each image's boxes to that image, then flatten the batch so the remaining steps
+    # are single tensor ops over all images; drop non-finite and small boxes.
+    flat_boxes = _clip_to_images(boxes, image_sizes)  # (N*K, 4)
     flat_scores = scores.reshape(-1)
     image_ids = batch_idx[:, None].expand_as(scores).reshape(-1)
     flat_levels = levels[None, :].expand_as(scores).reshape(-1)
-
-    # Validity is judged on the unclipped boxes: clipping would turn inf into a border.
-    valid = torch.isfinite(boxes.reshape(-1, 4)).all(dim=1) & torch.isfinite(flat_scores)
-    if training and not bool(valid.all()):
-        raise FloatingPointError(
-            "Predicted boxes or scores contain Inf/NaN. Training has diverged."
-        )
-    widths = flat_boxes[:, 2] - flat_boxes[:, 0]
-    heights = flat_boxes[:, 3] - flat_boxes[:, 1]
-    candidates = torch.nonzero(
-        valid & (widths > min_box_size) & (heights > min_box_size)
-    ).squeeze(1)
+    candidates = _usable_candidates(boxes, flat_boxes, flat_scores, min_box_size, training)
 
     # 3. One NMS for the batch; the (image, level) key keeps images and levels apart.
     groups = image_ids[candidates] * num_levels + flat_levels[candidates]
@@ -198,9 +154,100 @@ def find_top_proposals_per_level(
         )
         ranks = rank_within_groups(kept_groups, num_images * num_levels)
         kept = kept[ranks < limits[flat_levels[kept]]]
-    kept_images = image_ids[kept]
 
     # 5. Split by image; masking keeps the batch-wide score order within each image.
+    out_boxes, out_scores, out_levels = _split_by_image(
+        kept, image_ids, (flat_boxes, flat_scores, flat_levels), num_images, post_nms_topk)
+    return out_boxes, out_scores, out_levels, nms_counts
+
+
+def _top_candidates_per_level(
+    proposals: List[torch.Tensor],
+    pred_objectness_logits: List[torch.Tensor],
+    num_images: int,
+    batch_idx: torch.Tensor,
+    pre_nms_topk: List[int],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    The ``pre_nms_topk[i]`` highest logits of each image on every level i, levels concatenated.
+
+    Args:
+        batch_idx (Tensor): (N,) int64 ``0..N-1``, on the boxes' device.
+
+    Returns:
+        (N, K) scores, (N, K, 4) boxes, (K,) int64 level of each column.
+    """
+    like = proposals[0]
+    device = _index_device(like)
+    top_scores: List[torch.Tensor] = []
+    top_boxes: List[torch.Tensor] = []
+    top_levels: List[torch.Tensor] = []
+    for level, (boxes_i, logits_i) in enumerate(zip(proposals, pred_objectness_logits)):
+        logits_i = logits_i[:num_images]
+        num_anchors = logits_i.shape[1]
+        if isinstance(num_anchors, torch.Tensor):  # a size is a tensor while tracing
+            k = torch.clamp(num_anchors, max=pre_nms_topk[level])
+        else:
+            k = min(num_anchors, pre_nms_topk[level])
+        scores_i, idx = logits_i.topk(k, dim=1)
+        top_scores.append(scores_i)
+        top_boxes.append(boxes_i[batch_idx[:, None], idx])
+        top_levels.append(
+            _to_device_of(torch.full((k,), level, dtype=torch.int64, device=device), like)
+        )
+    return torch.cat(top_scores, dim=1), torch.cat(top_boxes, dim=1), torch.cat(top_levels, dim=0)
+
+
+def _clip_to_images(boxes: torch.Tensor, image_sizes: List[Tuple[int, int]]) -> torch.Tensor:
+    """(N, K, 4) boxes, each image's clipped to it (the clamps of ``Boxes.clip``) -> (N*K, 4)."""
+    clipped: List[torch.Tensor] = []
+    for n, image_size in enumerate(image_sizes):
+        h, w = image_size[0], image_size[1]
+        b = boxes[n]
+        clipped.append(
+            torch.stack(
+                (
+                    b[:, 0].clamp(min=0, max=w),
+                    b[:, 1].clamp(min=0, max=h),
+                    b[:, 2].clamp(min=0, max=w),
+                    b[:, 3].clamp(min=0, max=h),
+                ),
+                dim=-1,
+            )
+        )
+    return torch.cat(clipped, dim=0)
+
+
+def _usable_candidates(boxes: torch.Tensor, flat_boxes: torch.Tensor, flat_scores: torch.Tensor,
+                       min_box_size: float, training: bool) -> torch.Tensor:
+    """
+    Indices into the flattened batch of the finite boxes with both sides above
+    ``min_box_size``. Validity is judged on the unclipped ``boxes`` (N, K, 4): clipping would
+    turn inf into a border. In training a non-finite box or score raises instead.
+    """
+    valid = torch.isfinite(boxes.reshape(-1, 4)).all(dim=1) & torch.isfinite(flat_scores)
+    if training and not bool(valid.all()):
+        raise FloatingPointError(
+            "Predicted boxes or scores contain Inf/NaN. Training has diverged."
+        )
+    widths = flat_boxes[:, 2] - flat_boxes[:, 0]
+    heights = flat_boxes[:, 3] - flat_boxes[:, 1]
+    return torch.nonzero(
+        valid & (widths > min_box_size) & (heights > min_box_size)
+    ).squeeze(1)
+
+
+def _split_by_image(
+    kept: torch.Tensor,
+    image_ids: torch.Tensor,
+    flat: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    num_images: int,
+    post_nms_topk: Optional[int],
+) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
+    """The ``kept`` entries of the flattened (boxes, scores, levels), split by image in their
+    order, at most ``post_nms_topk`` per image."""
+    flat_boxes, flat_scores, flat_levels = flat
+    kept_images = image_ids[kept]
     out_boxes: List[torch.Tensor] = []
     out_scores: List[torch.Tensor] = []
     out_levels: List[torch.Tensor] = []
@@ -211,4 +258,4 @@ def find_top_proposals_per_level(
         out_boxes.append(flat_boxes[idx])
         out_scores.append(flat_scores[idx])
         out_levels.append(flat_levels[idx])
-    return out_boxes, out_scores, out_levels, nms_counts
+    return out_boxes, out_scores, out_levels

@@ -2,7 +2,7 @@
 import functools
 import importlib
 
-__all__ = ["has_compiled_ops", "detectron2_version"]
+__all__ = ["check_cuda_available", "cuda_missing", "has_compiled_ops", "detectron2_version"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -29,3 +29,17 @@ def detectron2_version() -> str:
     import detectron2
 
     return detectron2.__version__
+
+
+def cuda_missing(device) -> bool:
+    """Whether ``device`` is a CUDA device and this machine has none."""
+    import torch
+
+    return str(device).startswith("cuda") and not torch.cuda.is_available()
+
+
+def check_cuda_available(device, key: str = "MODEL.DEVICE") -> None:
+    """Raise a ``ValueError`` naming ``key`` (the device's setting as the user wrote it) when
+    ``device`` is a CUDA device and this machine has none."""
+    if cuda_missing(device):
+        raise ValueError(f"{key} is {str(device)!r} but CUDA is not available; use cpu")

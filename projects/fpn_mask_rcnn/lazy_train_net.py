@@ -30,57 +30,12 @@ before training; COCO evaluation without compiled ops; checkpoints read and writ
 ``fpn_plugin.checkpoint.SafeDetectionCheckpointer`` (nothing in a weights file runs code);
 ``training_curve.png``. Bad input (config file or override, dataset record, image, checkpoint)
 and a diverging run end with exit status 2 and one ``error: ...`` line.
+
+A thin wrapper over the package's entry, ``python -m fpn_plugin.train`` (``fpn_plugin/train.py``).
 """
 import fpn_plugin  # noqa: F401  (registers the plugin's components)
-from detectron2.engine import default_argument_parser
-
-from fpn_plugin.checkpoint import CheckpointError, SafeDetectionCheckpointer
-from fpn_plugin.data.images import ImageFileError
-from fpn_plugin.engine.lazy import (
-    LazyTrainer,
-    build_lazy_model,
-    check_lazy_training_config,
-    load_lazy_config,
-    register_lazy_datasets,
-)
-from fpn_plugin.engine.launch import launch_entry
-from fpn_plugin.engine.setup import default_setup
-from fpn_plugin.utils.cli import exit_on_errors, quiet_third_party_noise
-
-# Problems with what the user gave (config, data, checkpoint) before training starts.
-START_ERRORS = (ValueError, FileNotFoundError, CheckpointError)
-# Problems that can only show during training: a diverging run, an image found bad late.
-TRAINING_ERRORS = (FloatingPointError, ImageFileError, CheckpointError)
-
-
-def setup(args):
-    """The config from the file and overrides, checked; plus Detectron2's default_setup (log
-    files, ``config.yaml`` in ``train.output_dir``, seed ``train.seed``)."""
-    cfg = load_lazy_config(args.config_file, args.opts)
-    check_lazy_training_config(cfg, eval_only=args.eval_only)
-    default_setup(cfg, args)
-    return cfg
-
-
-def main(args):
-    with exit_on_errors(*START_ERRORS):
-        cfg = setup(args)
-        register_lazy_datasets(cfg)
-        if args.eval_only:
-            model = build_lazy_model(cfg)
-            SafeDetectionCheckpointer(model, save_dir=cfg.train.output_dir).resume_or_load(
-                cfg.train.init_checkpoint, resume=args.resume)
-        else:
-            trainer = LazyTrainer(cfg)
-            trainer.resume_or_load(resume=args.resume)
-    with exit_on_errors(*TRAINING_ERRORS):
-        if args.eval_only:
-            return LazyTrainer.test(cfg, model)
-        return trainer.train()
-
+from fpn_plugin.train import cli
+from fpn_plugin.train import train_lazy as main  # noqa: F401  (one process of a run)
 
 if __name__ == "__main__":
-    quiet_third_party_noise()
-    args = default_argument_parser().parse_args()
-    print("Command Line Args:", args)
-    launch_entry(main, args)
+    cli(kind="lazy")

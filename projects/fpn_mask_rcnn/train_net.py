@@ -26,68 +26,13 @@ Weights (``MODEL.WEIGHTS``, ``--resume``, ``--eval-only``) are read by
 ``fpn_plugin.checkpoint.SafeDetectionCheckpointer``: nothing in a weights file can run code.
 A bad config value, dataset record, image or checkpoint, and a diverging run, end with exit
 status 2 and one ``error: ...`` line naming the key, file or id (no traceback).
+
+A thin wrapper over the package's entry, ``python -m fpn_plugin.train`` (``fpn_plugin/train.py``),
+which takes LazyConfigs too.
 """
 import fpn_plugin  # noqa: F401  (registers the plugin's components)
-from detectron2.engine import default_argument_parser
-from detectron2.evaluation import verify_results
-from detectron2.utils import comm
-
-from fpn_plugin.checkpoint import CheckpointError, SafeDetectionCheckpointer
-from fpn_plugin.config import load_config
-from fpn_plugin.data.images import ImageFileError
-from fpn_plugin.engine import Trainer
-from fpn_plugin.engine.ddp import check_resumed_alike
-from fpn_plugin.engine.launch import call_in_rank_order, launch_entry
-from fpn_plugin.engine.setup import default_setup
-from fpn_plugin.utils.cli import exit_on_errors, quiet_third_party_noise
-
-# Problems with what the user gave (config, data, checkpoint) before training starts.
-START_ERRORS = (ValueError, FileNotFoundError, CheckpointError)
-# Problems that can only show during training: a diverging run, an image found bad late.
-TRAINING_ERRORS = (FloatingPointError, ImageFileError, CheckpointError)
-
-
-def setup(args):
-    """Config from the file and overrides, frozen; plus Detectron2's default_setup."""
-    cfg = load_config(args.config_file, args.opts)
-    default_setup(cfg, args)
-    return cfg
-
-
-def register_datasets(cfg):
-    """Register the embedded shapes dataset when the config uses it (generated if missing)."""
-    names = set(cfg.DATASETS.TRAIN) | set(cfg.DATASETS.TEST)
-    if not any(n.startswith("shapes_") for n in names):
-        return
-    from fpn_plugin.data.shapes import register_shapes_from_config
-
-    # Generated once per file system (rank 0, then each other machine), registered everywhere.
-    call_in_rank_order(lambda: register_shapes_from_config(cfg))
-
-
-def main(args):
-    with exit_on_errors(*START_ERRORS):
-        cfg = setup(args)
-        register_datasets(cfg)
-        if args.eval_only:
-            model = Trainer.build_model(cfg)
-            SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-                cfg.MODEL.WEIGHTS, resume=args.resume)
-        else:
-            trainer = Trainer(cfg)
-            trainer.resume_or_load(resume=args.resume)
-            check_resumed_alike(trainer)
-    with exit_on_errors(*TRAINING_ERRORS):
-        if args.eval_only:
-            res = Trainer.test(cfg, model)
-            if comm.is_main_process():
-                verify_results(cfg, res)
-            return res
-        return trainer.train()
-
+from fpn_plugin.train import cli
+from fpn_plugin.train import train_yaml as main  # noqa: F401  (one process of a run)
 
 if __name__ == "__main__":
-    quiet_third_party_noise()
-    args = default_argument_parser().parse_args()
-    print("Command Line Args:", args)
-    launch_entry(main, args)
+    cli(kind="yaml")

@@ -15,7 +15,7 @@ from deploy_testutils import small_cfg, spread_predictions_, write_images
 from hostile_testutils import code_running_checkpoint
 
 from fpn_plugin.deploy import cli
-from fpn_plugin.deploy import deploy as deploy_module
+from fpn_plugin.inference import predictor as predictor_module  # builds the model
 
 DEMO = "configs/Demo/mask_rcnn_R_18_custom_fpn_shapes.yaml"
 
@@ -120,7 +120,7 @@ def test_sample_images_from_a_registered_dataset(inputs, tmp_path, capsys):
 @pytest.fixture
 def no_model(monkeypatch):
     """Fail the test if the model is built: the input must be refused before that."""
-    monkeypatch.setattr(deploy_module, "build_model", lambda cfg: pytest.fail("model built"))
+    monkeypatch.setattr(predictor_module, "build_model", lambda cfg: pytest.fail("model built"))
 
 
 BAD_OPTIONS = {

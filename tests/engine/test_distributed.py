@@ -431,19 +431,6 @@ def test_create_ddp_model_refuses_cuda_only_sync_bn_on_cpu(monkeypatch):
         ddp.create_ddp_model(model)
 
 
-def test_cpu_capable_ddp_swaps_detectron2s_function_for_the_block_only():
-    import detectron2.engine.defaults as d2_defaults
-
-    original = d2_defaults.create_ddp_model
-    with ddp.cpu_capable_ddp():
-        assert d2_defaults.create_ddp_model is ddp.create_ddp_model
-    assert d2_defaults.create_ddp_model is original
-    with pytest.raises(RuntimeError):
-        with ddp.cpu_capable_ddp():
-            raise RuntimeError
-    assert d2_defaults.create_ddp_model is original
-
-
 def test_check_resumed_alike_names_output_dir_when_ranks_disagree(monkeypatch):
     class _Trainer:
         start_iter = 0

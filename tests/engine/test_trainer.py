@@ -279,9 +279,9 @@ def test_divergence_guard_names_the_iteration_and_the_learning_rate():
     from detectron2.utils.events import EventStorage
 
     from fpn_plugin.engine import TrainingDivergedError
-    from fpn_plugin.engine.trainer import _DivergenceGuard
+    from fpn_plugin.engine.hooks import DivergenceGuard
 
-    guard = _DivergenceGuard(factor=100.0, base_lr=100.0)
+    guard = DivergenceGuard(factor=100.0, base_lr=100.0)
     # Start ~4; one spike of 5000 at iteration 6 passes (the guard looks at 5-iteration
     # medians); the blow-up from iteration 9 on is caught once most of the window is above
     # 100 x 3.8 (the lowest of the first 5).
@@ -303,7 +303,7 @@ def test_divergence_guard_names_the_iteration_and_the_learning_rate():
 
     # A learning rate far too high blows the loss up from the first step: the start's loss
     # (the lowest of the first 5) is the reference, so this is caught at the 5th iteration.
-    guard = _DivergenceGuard(factor=100.0, base_lr=100.0)
+    guard = DivergenceGuard(factor=100.0, base_lr=100.0)
     with EventStorage(0) as storage:
         guard.trainer = SimpleNamespace(storage=storage, iter=0)
         with pytest.raises(TrainingDivergedError, match="iteration 4"):
@@ -376,3 +376,19 @@ def test_skip_warnings_reach_the_log_file(tmp_path, datasets, restore_loggers):
     Trainer(cfg)
     log = (tmp_path / "log.txt").read_text()
     assert "skipping 1 of" in log and "gone.jpg" in log
+
+
+def test_building_and_training_leaves_detectron2_as_it_was(tmp_path, datasets):
+    import detectron2.engine.defaults as d2_defaults
+    from detectron2.engine import DefaultTrainer
+
+    before = (dict(vars(d2_defaults)), dict(vars(DefaultTrainer)))
+    cfg = tiny_cfg(tmp_path, [datasets["train"]], max_iter=1)
+    cfg.SOLVER.AMP.ENABLED = True  # the plugin's loop, where DefaultTrainer makes AMPTrainer
+    trainer = Trainer(cfg)
+    assert (dict(vars(d2_defaults)), dict(vars(DefaultTrainer))) == before
+    assert "build_model" not in vars(trainer) and "build_train_loader" not in vars(trainer)
+    assert trainer.precision == "bf16" and trainer.checkpointer.model is trainer.model
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    assert (dict(vars(d2_defaults)), dict(vars(DefaultTrainer))) == before

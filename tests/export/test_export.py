@@ -20,6 +20,7 @@ from fpn_plugin.checkpoint import CheckpointError, CheckpointMismatchError
 from fpn_plugin.evaluation import build_coco_evaluator
 from fpn_plugin.export import RESULTS_FILE, export_masks
 from fpn_plugin.export import export as export_module
+from fpn_plugin.inference import predictor as predictor_module  # builds the model
 from fpn_plugin.export.cli import main as cli_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -128,7 +129,7 @@ def test_folder_of_only_unreadable_images_is_an_error(tmp_path, tiny_cfg, tiny_w
 
 def test_missing_weights_fails_before_building_the_model(coco_dataset, tiny_cfg, tmp_path,
                                                         monkeypatch):
-    monkeypatch.setattr(export_module, "build_model",
+    monkeypatch.setattr(predictor_module, "build_model",
                         lambda cfg: pytest.fail("model built despite missing weights"))
     missing = str(tmp_path / "missing.pth")
     with pytest.raises(CheckpointError, match="not found") as info:

@@ -15,7 +15,7 @@ from hostile_testutils import code_running_checkpoint, datasets_set_aside
 
 from fpn_plugin.checkpoint import CheckpointError
 from fpn_plugin.export import RESULTS_FILE, export_masks
-from fpn_plugin.export import export as export_module
+from fpn_plugin.inference import predictor as predictor_module  # builds the model
 from fpn_plugin.export.cli import main as cli_main
 from fpn_plugin.export.export import ExportOptions
 
@@ -28,7 +28,7 @@ def _files_under(folder):
 @pytest.fixture
 def no_model(monkeypatch):
     """Fail the test if the model is built: the input must be refused before that."""
-    monkeypatch.setattr(export_module, "build_model",
+    monkeypatch.setattr(predictor_module, "build_model",
                         lambda cfg: pytest.fail("the model was built"))
 
 
