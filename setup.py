@@ -94,6 +94,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
+            "fpn-plugin-train=fpn_plugin.train:cli",
             "fpn-plugin-export=fpn_plugin.export.cli:main",
             "fpn-plugin-deploy=fpn_plugin.deploy.cli:main",
         ],
