@@ -40,7 +40,7 @@ from detectron2.utils.registry import locate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from .mask_head import ConvUpsampleMaskHead, PANetMaskHead
+from .mask_head import ConvUpsampleMaskHead, MaskScoringHead, PANetMaskHead
 from .neck import CustomFPN
 from .rpn import PerLevelRPN, PerLevelRPNHead
 
@@ -60,7 +60,7 @@ PLUGIN_COMPONENTS: Tuple[Tuple[str, type, Callable, Dict[str, Any], Tuple[Callab
     ("proposal_generator.head", StandardRPNHead, PerLevelRPNHead,
      {"shared": True, "norm": ""}, (PerLevelRPNHead,)),
     ("roi_heads.mask_head", MaskRCNNConvUpsampleHead, ConvUpsampleMaskHead,
-     {"upsample_mode": "deconv"}, (ConvUpsampleMaskHead, PANetMaskHead)),
+     {"upsample_mode": "deconv"}, (ConvUpsampleMaskHead, PANetMaskHead, MaskScoringHead)),
 )
 # Components a Mask R-CNN model must have (a mask head is optional: Faster R-CNN).
 _REQUIRED = ("backbone", "proposal_generator", "proposal_generator.head")

@@ -2,7 +2,8 @@
 The whole Mask R-CNN built from the plugin's components scripts with Detectron2's
 ``scripting_with_instances`` and gives the eager detections and masks: the defaults with
 Detectron2's own field list, and a model with every component in a variant that also records
-proposal levels, with ``fpn_plugin.deploy.plugin_fields`` (every config in configs/:
+proposal levels, and one with the BiFPN neck and the mask-scoring head (its ``mask_scores``),
+with ``fpn_plugin.deploy.plugin_fields`` (every config in configs/:
 tests/deploy/test_configs_deploy.py).
 """
 import pytest
@@ -24,6 +25,11 @@ VARIANTS = {
         "MODEL.RPN.RECORD_PROPOSAL_LEVELS": True,
         "MODEL.ROI_MASK_HEAD.NAME": "PANetMaskHead",
         "MODEL.ROI_MASK_HEAD.POOLER_TYPE": "",
+    },
+    "bifpn-mask_scoring": {
+        "MODEL.FPN.BIFPN.ENABLED": True,
+        "MODEL.FPN.FUSE_TYPE": "weighted",
+        "MODEL.ROI_MASK_HEAD.NAME": "MaskScoringHead",
     },
 }
 
@@ -48,3 +54,5 @@ def test_scripted_model_equals_eager(keys):
     assert torch.equal(got.pred_boxes.tensor, want.pred_boxes.tensor)
     assert torch.equal(got.scores, want.scores)
     assert torch.equal(got.pred_masks, want.pred_masks)
+    if "mask_scores" in fields:  # MaskScoringHead's own field
+        assert torch.equal(got.mask_scores, want.mask_scores)

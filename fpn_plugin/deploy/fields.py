@@ -7,7 +7,8 @@ needs every field the model sets, with its type).
 ``GeneralizedRCNN`` with). A plugin model built with the default config sets exactly these, so
 it scripts with Detectron2's list unchanged. :data:`PLUGIN_EXTRA_FIELDS` are the fields a plugin
 component sets only when asked to (``MODEL.RPN.RECORD_PROPOSAL_LEVELS: True`` makes
-``PerLevelRPN`` record ``proposal_levels``); :func:`plugin_fields` adds them.
+``PerLevelRPN`` record ``proposal_levels``; ``MaskScoringHead`` sets ``mask_scores``);
+:func:`plugin_fields` adds them.
 """
 from typing import Dict, Optional
 
@@ -31,11 +32,18 @@ PLUGIN_EXTRA_FIELDS: Dict[str, type] = {
     # PerLevelRPN with record_proposal_levels (MODEL.RPN.RECORD_PROPOSAL_LEVELS): int64 level
     # index into MODEL.RPN.IN_FEATURES of each inference proposal.
     "proposal_levels": torch.Tensor,
+    # MaskScoringHead (MODEL.ROI_MASK_HEAD.NAME): float (R,) score of each detection's mask,
+    # the detection score times the predicted mask IoU ("scores" stays the box score).
+    "mask_scores": torch.Tensor,
 }
 
 
 def _sets_proposal_levels(model: nn.Module) -> bool:
     return any(getattr(m, "record_proposal_levels", False) is True for m in model.modules())
+
+
+def _sets_mask_scores(model: nn.Module) -> bool:
+    return any(getattr(m, "sets_mask_scores", False) is True for m in model.modules())
 
 
 def plugin_fields(model: Optional[nn.Module] = None) -> Dict[str, type]:
@@ -54,4 +62,6 @@ def plugin_fields(model: Optional[nn.Module] = None) -> Dict[str, type]:
     fields = dict(MASK_RCNN_FIELDS)
     if model is None or _sets_proposal_levels(model):
         fields["proposal_levels"] = PLUGIN_EXTRA_FIELDS["proposal_levels"]
+    if model is None or _sets_mask_scores(model):
+        fields["mask_scores"] = PLUGIN_EXTRA_FIELDS["mask_scores"]
     return fields

@@ -131,7 +131,12 @@ def script_model(model: GeneralizedRCNN, fields: Optional[Dict[str, type]] = Non
 
 
 def _inference(model: GeneralizedRCNN, image: Tensor) -> Instances:
-    return model.inference([{"image": image}], do_postprocess=False)[0]
+    result = model.inference([{"image": image}], do_postprocess=False)[0]
+    # Not (yet) part of the deployed interface: MaskScoringHead's mask scores (the scripted
+    # wrapper returns OUTPUT_NAMES only, so both forms drop them alike).
+    if result.has("mask_scores"):
+        result.remove("mask_scores")
+    return result
 
 
 def trace_model(model: GeneralizedRCNN, image: Tensor):

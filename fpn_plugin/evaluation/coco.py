@@ -97,7 +97,8 @@ def evaluate_coco_results_json(results, dataset_name: Optional[str] = None, *,
 
     As in ``COCOEvaluator``, segm results are scored without their "bbox" field, so
     small/medium/large use the mask area (pycocotools would otherwise use the box area),
-    and every image of the ground truth is evaluated.
+    and every image of the ground truth is evaluated. A record's "mask_score" (written for a
+    ``MaskScoringHead`` model) replaces its "score" for segm; bbox keeps "score".
 
     Args:
         results (str or list[dict]): path of a results JSON (e.g. ``coco_instances_results.json``
@@ -138,6 +139,8 @@ def evaluate_coco_results_json(results, dataset_name: Optional[str] = None, *,
             dets = copy.deepcopy(results)
             for d in dets:
                 d.pop("bbox", None)
+                if "mask_score" in d:  # MaskScoringHead's mask results (fpn_plugin.export)
+                    d["score"] = d.pop("mask_score")
         if not dets:
             metrics[task] = {m: float("nan") for m in COCO_METRICS}
             continue

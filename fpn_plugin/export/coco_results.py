@@ -36,18 +36,25 @@ def instances_to_coco_results(instances, image_id, contiguous_to_dataset: Option
     Args:
         instances (Instances): on CPU, with ``pred_boxes`` (N, 4) XYXY absolute, ``scores`` (N,),
             ``pred_classes`` (N,) contiguous ids in [0, K), and optionally ``pred_masks``
-            (N, H, W) at the image's original size.
+            (N, H, W) at the image's original size and ``mask_scores`` (N,) (set by
+            ``MaskScoringHead``).
         image_id (int): the dataset's image id.
         contiguous_to_dataset (dict[int, int] or None): from :func:`contiguous_to_dataset_ids`.
 
     Returns:
         list[dict]: N records with "image_id", "category_id", "bbox" [x, y, w, h], "score",
         and "segmentation" (RLE dict: "size" [H, W], "counts" str) when masks are present.
+        With ``mask_scores`` and masks, also "mask_score": the score of the "segm" result
+        ("score" stays the box score; ``fpn_plugin.evaluation.evaluate_coco_results_json``
+        scores "segm" with "mask_score" where a record has one).
 
     Raises:
         ValueError: a predicted class has no dataset id (model and dataset class counts differ).
     """
     records = instances_to_coco_json(instances, image_id)
+    if instances.has("mask_scores") and instances.has("pred_masks"):
+        for record, mask_score in zip(records, instances.mask_scores.tolist()):
+            record["mask_score"] = mask_score
     if contiguous_to_dataset is not None:
         for record in records:
             cls = record["category_id"]

@@ -49,6 +49,10 @@ def add_mask_head_config(cfg):
     - ``PANET.FUSED_FC`` (True): add PANet's fully-connected branch: from the second-to-last
       conv, two 3x3 convs (the second halves the channels) and an fc layer predict one
       class-agnostic (2R x 2R) mask logit map that is added to every class's FCN logits.
+    - ``MASK_SCORING.*``: the MaskIoU branch of ``MaskScoringHead`` (Mask Scoring R-CNN):
+      ``NUM_CONV`` (4) 3x3 convs of ``CONV_DIM`` (256) channels, the last with stride 2, then
+      ``NUM_FC`` (2) fc layers of ``FC_DIM`` (1024) and one IoU per class; ``LOSS_WEIGHT``
+      (1.0) multiplies its L2 loss ``loss_maskiou``.
     """
     head = cfg.MODEL.ROI_MASK_HEAD
     head.UPSAMPLE_MODE = head.get("UPSAMPLE_MODE", "deconv")
@@ -59,6 +63,14 @@ def add_mask_head_config(cfg):
     panet.POOLER_TYPE = panet.get("POOLER_TYPE", "ROIAlignV2")
     panet.FUSE_TYPE = panet.get("FUSE_TYPE", "max")
     panet.FUSED_FC = panet.get("FUSED_FC", True)
+    if "MASK_SCORING" not in head:
+        head.MASK_SCORING = CN()
+    scoring = head.MASK_SCORING
+    scoring.NUM_CONV = scoring.get("NUM_CONV", 4)
+    scoring.CONV_DIM = scoring.get("CONV_DIM", 256)
+    scoring.NUM_FC = scoring.get("NUM_FC", 2)
+    scoring.FC_DIM = scoring.get("FC_DIM", 1024)
+    scoring.LOSS_WEIGHT = scoring.get("LOSS_WEIGHT", 1.0)
     return cfg
 
 

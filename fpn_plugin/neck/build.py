@@ -34,7 +34,8 @@ def register_neck_variant(switch_key: str) -> Callable[[Type[CustomFPN]], Type[C
     """
     Class decorator: ``MODEL.FPN.<switch_key>: True`` builds the decorated CustomFPN
     subclass. A new pathway variant is its module (the subclass, decorated) and its switch
-    key in :func:`~fpn_plugin.neck.config.add_neck_config`.
+    key in :func:`~fpn_plugin.neck.config.add_neck_config`; the key may be dotted, for a
+    variant with its own group of keys (``"BIFPN.ENABLED"``).
     """
 
     def deco(cls):
@@ -53,7 +54,9 @@ def neck_class(cfg) -> Type[CustomFPN]:
     """
     on = []
     for key, cls in NECK_VARIANTS.items():
-        value = cfg.MODEL.FPN[key]
+        value = cfg.MODEL.FPN
+        for part in key.split("."):
+            value = value[part]
         if not isinstance(value, bool):
             raise ValueError(f"MODEL.FPN.{key}={value!r} must be True or False")
         if value:

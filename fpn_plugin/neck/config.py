@@ -1,4 +1,5 @@
 """Config keys of the FPN neck (added to ``cfg.MODEL.FPN``, next to Detectron2's own)."""
+from detectron2.config import CfgNode as CN
 
 
 def add_neck_config(cfg):
@@ -13,7 +14,7 @@ def add_neck_config(cfg):
     in :mod:`fpn_plugin.layers.fusion`). Every default added here reproduces Detectron2's FPN
     (``build_resnet_fpn_backbone``) exactly. The keys are read by ``CustomFPN.from_config``
     and checked by its constructor (``BOTTOM_UP_BACKBONE`` and the variant switch
-    ``BOTTOM_UP_PATH`` by the builders in :mod:`fpn_plugin.neck.build`).
+    ``BOTTOM_UP_PATH`` / ``BIFPN.ENABLED`` by the builders in :mod:`fpn_plugin.neck.build`).
 
     Args:
         cfg (CfgNode): a Detectron2 config, e.g. from ``detectron2.config.get_cfg()``.
@@ -40,3 +41,12 @@ def add_neck_config(cfg):
     # fpn_plugin.neck.pafpn): N2 = P2 and N(i) = conv3x3(fuse(P(i), conv3x3_stride2(N(i-1))));
     # its convs use NORM as well.
     fpn.BOTTOM_UP_PATH = False
+    # BiFPN (EfficientDet; the neck is then a BiFPN, fpn_plugin.neck.bifpn): the lateral 1x1
+    # convs, then NUM_CELLS bidirectional cells (top-down, then bottom-up with the extra
+    # same-level input edge), each node a FUSE_TYPE fusion ("weighted" is the paper's fast
+    # normalized fusion) and a depthwise-separable 3x3 conv + NORM + swish; then TOP_BLOCK.
+    # The width is OUT_CHANNELS. Replaces the top-down pathway (no fpn_output convs).
+    fpn.BIFPN = CN()
+    fpn.BIFPN.ENABLED = False
+    # Cells stacked, >= 0 (0: the lateral convs and the top block only).
+    fpn.BIFPN.NUM_CELLS = 3

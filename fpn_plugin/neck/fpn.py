@@ -12,7 +12,7 @@ parameters when enabled (``top_down_fusion.weight`` for weighted fusion).
 """
 import copy
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import fvcore.nn.weight_init as weight_init
 import torch
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..layers import INTERPOLATION_MODES, build_fusion, check_fuse_type, conv3x3, resize_to
 from .top_blocks import resolve_top_block
 
-__all__ = ["CustomFPN", "NECK_FUSE_TYPES"]
+__all__ = ["CustomFPN", "NECK_FUSE_TYPES", "lateral_conv"]
 
 # The fusion words (fpn_plugin.layers.FUSE_TYPES) the neck implements; "mean" = "avg".
 NECK_FUSE_TYPES = ("sum", "avg", "weighted")
@@ -106,18 +106,8 @@ class CustomFPN(Backbone):
             top_block, in_features, input_shapes, level_names, out_channels
         )
 
-        # Lateral/output convs exactly as Detectron2's FPN: names, bias rule, init, and the
-        # creation order (the random-number order of a fresh build).
-        lateral_convs, output_convs = self._add_level_conv_pairs(
-            stages,
-            lambda level: (
-                Conv2d(
-                    in_channels[level], out_channels, kernel_size=1, bias=not norm,
-                    norm=get_norm(norm, out_channels),
-                ),
-                conv3x3(out_channels, out_channels, norm),
-            ),
-            ("fpn_lateral", "fpn_output"),
+        lateral_convs, output_convs, top_down_fusion = self._make_top_down(
+            stages, in_channels, out_channels, norm, fuse_type, weighted_fusion_eps
         )
         # Top-down order (low to high resolution).
         self.lateral_convs = lateral_convs[::-1]
@@ -125,12 +115,7 @@ class CustomFPN(Backbone):
         self.top_block = top_block
         self.in_features = tuple(in_features)
         self.bottom_up = bottom_up
-        # One fusion node per merge; None where there is nothing to merge, which TorchScript
-        # prunes (an unused weighted fusion would hold parameters that never get gradients).
-        self.top_down_fusion = (
-            build_fusion(fuse_type, len(stages) - 1, 2, weighted_fusion_eps)
-            if len(stages) > 1 else None
-        )
+        self.top_down_fusion = top_down_fusion
         self._make_extra_pathways(stages, out_channels, norm, fuse_type, weighted_fusion_eps)
 
         self._record_output_shapes(level_names, strides, stages, out_channels)
@@ -258,6 +243,46 @@ class CustomFPN(Backbone):
             seconds.append(second)
         return firsts, seconds
 
+    def _make_top_down(
+        self,
+        stages: List[int],
+        in_channels: List[int],
+        out_channels: int,
+        norm,
+        fuse_type: str,
+        eps: float,
+    ) -> Tuple[List[nn.Module], List[nn.Module], Optional[nn.Module]]:
+        """
+        Create the top-down pathway's modules (a subclass whose pathways replace it, e.g.
+        BiFPN, creates only what it uses). The convs are registered here; the fusion module
+        by ``__init__``, after the bottom-up backbone (Detectron2's parameter order).
+
+        Args:
+            stages (list[int]): stage of each input level, high to low resolution.
+            in_channels (list[int]): channels of each input level.
+            out_channels (int), norm: the neck's.
+            fuse_type (str): the neck's fusion word (canonical).
+            eps (float): epsilon of "weighted" fusion.
+
+        Returns:
+            The lateral convs and the output convs (plain lists, high to low resolution), and
+            the fusion of the merges (None when there is nothing to merge).
+        """
+        # Lateral/output convs exactly as Detectron2's FPN: names, bias rule, init, and the
+        # creation order (the random-number order of a fresh build).
+        lateral_convs, output_convs = self._add_level_conv_pairs(
+            stages,
+            lambda level: (
+                lateral_conv(in_channels[level], out_channels, norm),
+                conv3x3(out_channels, out_channels, norm),
+            ),
+            ("fpn_lateral", "fpn_output"),
+        )
+        # One fusion node per merge; None where there is nothing to merge, which TorchScript
+        # prunes (an unused weighted fusion would hold parameters that never get gradients).
+        fusion = build_fusion(fuse_type, len(stages) - 1, 2, eps) if len(stages) > 1 else None
+        return lateral_convs, output_convs, fusion
+
     def _make_extra_pathways(
         self, stages: List[int], out_channels: int, norm, fuse_type: str, eps: float
     ) -> None:
@@ -296,6 +321,17 @@ class CustomFPN(Backbone):
             for name in [n for n, _ in self.named_children() if n.startswith(prefix)]:
                 delattr(ret, name)
         return ret
+
+
+def lateral_conv(in_channels: int, out_channels: int, norm) -> Conv2d:
+    """
+    The 1x1 lateral conv of a level, as Detectron2's FPN builds it (bias only without norm):
+    `(N, in_channels, H, W)` -> `(N, out_channels, H, W)`. Default init (the caller applies
+    the neck's).
+    """
+    return Conv2d(
+        in_channels, out_channels, kernel_size=1, bias=not norm, norm=get_norm(norm, out_channels)
+    )
 
 
 def _check_in_features(in_features, input_shapes):

@@ -23,7 +23,9 @@ from fpn_plugin.lazy_config import plain_data
 # The common twin, a new-baseline twin (SyncBN, 4conv1fc box head) and the CPU demo.
 LAZY_CONFIGS = ["common/models/mask_rcnn_custom_fpn.py",
                 "new_baselines/mask_rcnn_R_50_custom_FPN_100ep_LSJ.py",
-                "Demo/mask_rcnn_R_18_custom_fpn_shapes.py"]
+                "Demo/mask_rcnn_R_18_custom_fpn_shapes.py",
+                "new_baselines/mask_rcnn_R_50_custom_FPN_bifpn_100ep_LSJ.py",
+                "new_baselines/mask_rcnn_R_50_custom_FPN_mask_scoring_100ep_LSJ.py"]
 
 
 def _shrink(node):

@@ -53,7 +53,8 @@ def test_recorded_levels_are_the_one_extra_field():
     recording = small_model(DEMO, **{"MODEL.RPN.RECORD_PROPOSAL_LEVELS": True})
     assert plugin_fields(default) == MASK_RCNN_FIELDS
     assert plugin_fields(recording) == dict(MASK_RCNN_FIELDS, proposal_levels=torch.Tensor)
-    assert plugin_fields() == plugin_fields(recording)  # every extra field
+    # Every extra field: also MaskScoringHead's (tests/mask_head/test_mask_scoring.py).
+    assert plugin_fields() == dict(plugin_fields(recording), mask_scores=torch.Tensor)
     # Detectron2's list cannot script a model that sets another field; the helper's can.
     with pytest.raises(Exception, match="proposal_levels"):
         script_model(recording, MASK_RCNN_FIELDS)

@@ -55,6 +55,8 @@ VARIANT_CHANGES = {
                        "model.proposal_generator.post_nms_topk",
                        "model.proposal_generator.post_nms_topk_per_level"},
     "panet_mask": {"model.roi_heads.mask_head", "model.roi_heads.mask_pooler"},
+    "bifpn": {"model.backbone._target_", "model.backbone.fuse_type", "model.backbone.num_cells"},
+    "mask_scoring": {"model.roi_heads.mask_head._target_"},
 }
 TWIN_100EP = {50: "new_baselines/mask_rcnn_R_50_custom_FPN_100ep_LSJ.py",
               101: "new_baselines/mask_rcnn_R_101_custom_FPN_100ep_LSJ.py"}

@@ -30,11 +30,26 @@ VARIANTS = [
     {"NORM": "FrozenBN"},
     {"IN_FEATURES": ["res3", "res4", "res5"], "TOP_BLOCK": "p6p7_p5"},
     {"IN_FEATURES": ["res2", "res3", "res4"], "TOP_BLOCK": "maxpool"},
+    {"BIFPN.ENABLED": True, "FUSE_TYPE": "weighted"},
+    {"BIFPN.ENABLED": True, "BIFPN.NUM_CELLS": 1, "NORM": "GN", "UPSAMPLE_MODE": "bilinear"},
+    {"BIFPN.ENABLED": True, "BIFPN.NUM_CELLS": 0},
+    {"BIFPN.ENABLED": True, "FUSE_TYPE": "weighted", "IN_FEATURES": ["res4", "res5"],
+     "TOP_BLOCK": "p6p7_p5"},
 ]
 
 
 def variant_id(keys):
     return "-".join(f"{k}={v}" for k, v in keys.items()) or "parity"
+
+
+def set_fpn_keys(cfg, fpn_keys):
+    """Set ``cfg.MODEL.FPN`` keys, dotted ones ("BIFPN.NUM_CELLS") in their group."""
+    for key, value in fpn_keys.items():
+        *groups, name = key.split(".")
+        node = cfg.MODEL.FPN
+        for group in groups:
+            node = node[group]
+        setattr(node, name, value)
 
 
 def r50_cfg():
@@ -54,8 +69,7 @@ def tiny_cfg(**fpn_overrides):
     cfg.MODEL.RESNETS.DEPTH = 18
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
     cfg.MODEL.FPN.OUT_CHANNELS = 32
-    for key, value in fpn_overrides.items():
-        setattr(cfg.MODEL.FPN, key, value)
+    set_fpn_keys(cfg, fpn_overrides)
     return cfg
 
 
@@ -143,6 +157,5 @@ def toy_cfg(**fpn_overrides):
     cfg.MODEL.FPN.BOTTOM_UP_BACKBONE = "neck_test_toy_backbone"
     cfg.MODEL.FPN.IN_FEATURES = list(FOUR_LEVELS)
     cfg.MODEL.FPN.OUT_CHANNELS = 32
-    for key, value in fpn_overrides.items():
-        setattr(cfg.MODEL.FPN, key, value)
+    set_fpn_keys(cfg, fpn_overrides)
     return cfg

@@ -7,7 +7,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_backbone
 
 from fpn_plugin import add_fpn_plugin_config
-from fpn_plugin.neck import CustomFPN, WeightedFusion
+from fpn_plugin.neck import BiFPN, CustomFPN, WeightedFusion
 
 CONFIG_DIR = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -37,7 +37,15 @@ def _check_p3p7(model):
     assert model.top_block.in_feature == "p5" and model.top_block.p6.in_channels == 256
 
 
+def _check_bifpn(model):
+    assert isinstance(model, BiFPN) and len(model.cells) == 3
+    assert all(isinstance(cell.mid_fusion, WeightedFusion) for cell in model.cells)
+    assert type(model.cells[0].top_conv.pointwise.norm).__name__ == "GroupNorm"
+    assert not any(name.startswith("fpn_output") for name, _ in model.named_children())
+
+
 VARIANTS = {
+    "mask_rcnn_R_50_custom_fpn_bifpn_1x.yaml": (LEVELS, _check_bifpn),
     "mask_rcnn_R_50_custom_fpn_panet_1x.yaml": (LEVELS, _check_panet),
     "mask_rcnn_R_50_custom_fpn_weighted_fusion_1x.yaml": (LEVELS, _check_weighted),
     "mask_rcnn_R_50_custom_fpn_bilinear_1x.yaml": (LEVELS, _check_bilinear),
