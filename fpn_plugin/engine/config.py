@@ -2,7 +2,8 @@
 
 # Accepted values of SOLVER.OPTIMIZER.
 OPTIMIZERS = ("SGD", "ADAMW")
-# Accepted values of SOLVER.AMP.PRECISION ("auto": "fp16" on CUDA, "bf16" on CPU).
+# Accepted values of SOLVER.AMP.PRECISION ("auto": "fp16" on CUDA, "bf16" on a CPU with native
+# bf16, fp32 on other CPUs: fpn_plugin.utils.precision.auto_training_precision).
 AMP_PRECISIONS = ("auto", "bf16", "fp16")
 
 
@@ -26,7 +27,8 @@ def add_engine_config(cfg):
       (backbone + neck, RPN head, box head, mask-head convs) in training. ``"bf16"`` (CPU with
       AVX512-BF16/AMX, or CUDA; no loss scaling), ``"fp16"`` (CUDA only, with a gradient
       scaler as Detectron2's ``AMPTrainer``), ``"auto"``: ``"fp16"`` on CUDA (what Detectron2's
-      ``AMPTrainer`` does), ``"bf16"`` on CPU. Losses, anchor matching, box decoding and
+      ``AMPTrainer`` does), ``"bf16"`` on a CPU with native bf16 (AVX512-BF16/AMX), fp32 on
+      other CPUs (where bf16 is emulated; an explicit ``"bf16"`` there warns once). Losses, anchor matching, box decoding and
       ROIAlign sampling stay fp32; parameters and checkpoints stay fp32.
     - ``SOLVER.CHANNELS_LAST`` (default ``False``): train the convolutional components in
       channels-last (NHWC) memory format, with or without AMP (fp32 math either way; oneDNN

@@ -21,7 +21,8 @@ Training and evaluation from Detectron2's Python configs (LazyConfig), the way D
 - DDP through :func:`fpn_plugin.engine.ddp.create_ddp_model` (CPU models with gloo too);
   ``train.amp.enabled`` trains with the YAML entry's fast training path
   (:mod:`fpn_plugin.engine.precision`): ``train.amp.precision`` "auto" is fp16 with a gradient
-  scaler on CUDA (as Detectron2's ``AMPTrainer``) and bf16 on CPU; ``train.channels_last``.
+  scaler on CUDA (as Detectron2's ``AMPTrainer``), bf16 on a CPU with native bf16 and fp32 on
+  other CPUs; ``train.channels_last``.
   :func:`build_lazy_train_loop` is the one place that sets the model up, wraps it and picks
   the loop.
 """
@@ -82,7 +83,7 @@ LAZY_TRAINING_DEFAULTS: Dict[str, Any] = {
     "train.divergence_factor": 100.0,
     # The fast training path (fpn_plugin.engine.precision), twins of SOLVER.AMP.PRECISION and
     # SOLVER.CHANNELS_LAST: with train.amp.enabled, "auto" is fp16 on CUDA (with a gradient
-    # scaler, as Detectron2's AMPTrainer) and bf16 on CPU.
+    # scaler, as Detectron2's AMPTrainer), bf16 on a CPU with native bf16, fp32 on other CPUs.
     "train.amp.precision": "auto",
     "train.channels_last": False,
 }

@@ -26,7 +26,8 @@ from detectron2.engine import SimpleTrainer
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..utils.precision import PRECISIONS, autocast_components, restore_components
+from ..utils.precision import (PRECISIONS, auto_training_precision, autocast_components,
+                               cpu_has_native_bf16, restore_components, warn_if_emulated_bf16)
 
 __all__ = ["TRAINING_PRECISIONS", "YAML_KEYS", "check_training_precision", "resolve_precision",
            "enable_fast_training", "disable_fast_training", "GradScalerTrainer",
@@ -37,21 +38,11 @@ logger = logging.getLogger(__name__)
 TRAINING_PRECISIONS = tuple(PRECISIONS)  # "fp32", "bf16", "fp16"
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU runs bf16 matrix math natively (AVX512-BF16 or AMX); elsewhere oneDNN
-    emulates it, slower than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
-
-
 def resolve_precision(precision: str, device_type: str) -> str:
-    """``"auto"`` -> ``"fp16"`` on CUDA (Detectron2's ``AMPTrainer``), ``"bf16"`` elsewhere."""
+    """``"auto"`` -> what :func:`fpn_plugin.utils.precision.auto_training_precision` picks for
+    the device and this CPU (fp16 on CUDA, bf16 on a CPU with native bf16, else fp32)."""
     if precision == "auto":
-        return "fp16" if device_type == "cuda" else "bf16"
+        return auto_training_precision(device_type)
     return precision
 
 
@@ -107,9 +98,7 @@ def enable_fast_training(model: nn.Module, precision: str = "bf16",
                          "wrapping (DDP fixes the gradient layout when it is built)")
     device_type = next(model.parameters()).device.type
     precision = check_training_precision(precision, device_type, channels_last)
-    if precision == "bf16" and device_type == "cpu" and not cpu_has_native_bf16():
-        logger.warning("SOLVER.AMP.PRECISION 'bf16': this CPU has no AVX512-BF16/AMX, so bf16 "
-                       "is emulated and training is likely slower than fp32")
+    warn_if_emulated_bf16(precision, device_type, "the training precision (SOLVER.AMP.PRECISION / train.amp.precision)")
     autocast_components(model, PRECISIONS[precision], channels_last, training_only=True)
     if PRECISIONS[precision] is not None or channels_last:
         model._fpn_plugin_fast_training = (precision, channels_last)
@@ -196,7 +185,8 @@ def build_train_loop(model: nn.Module, data_loader, optimizer: torch.optim.Optim
     Args:
         model: the bare model (not yet DDP-wrapped), on its device.
         data_loader, optimizer: as for Detectron2's ``SimpleTrainer``.
-        precision: "fp32", "bf16", "fp16" (CUDA) or "auto" (fp16 on CUDA, bf16 on CPU).
+        precision: "fp32", "bf16", "fp16" (CUDA) or "auto" (fp16 on CUDA, bf16 on a CPU with
+            native bf16, else fp32).
         channels_last: NHWC convolutional components.
         ddp_kwargs: arguments of ``create_ddp_model`` (e.g. a LazyConfig's ``train.ddp``).
         grad_scaler: fp16 only, see :func:`make_train_loop`.

@@ -77,7 +77,7 @@ def _is_number(value) -> bool:
 def check_precision_settings(read: Reader, keys: SettingKeys) -> str:
     """
     The training precision the settings ask for: ``"fp32"`` unless AMP is enabled, else the
-    precision setting for the device (``"auto"``: fp16 on CUDA, bf16 on CPU). The precision's
+    precision setting for the device (``"auto"``: fp16 on CUDA, bf16 on a CPU with native bf16, else fp32). The precision's
     value is checked even when AMP is off (a typo fails now).
 
     Raises:

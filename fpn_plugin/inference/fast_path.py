@@ -14,9 +14,13 @@ mechanism is ``fpn_plugin.utils.precision``, shared with the fast training path.
 """
 from torch import nn
 
-from ..utils.precision import PRECISIONS, autocast_components, restore_components
+from ..utils.precision import (PRECISIONS, auto_inference_path, autocast_components,
+                               restore_components, warn_if_emulated_bf16)
 
-__all__ = ["PRECISIONS", "enable_fast_inference", "disable_fast_inference"]
+__all__ = ["PRECISIONS", "INFERENCE_PRECISIONS", "enable_fast_inference", "disable_fast_inference"]
+
+# "auto": the fastest path measured for the device and this CPU (utils.precision.auto_inference_path).
+INFERENCE_PRECISIONS = ("auto",) + tuple(PRECISIONS)
 
 
 def enable_fast_inference(model: nn.Module, precision: str = "bf16",
@@ -27,18 +31,30 @@ def enable_fast_inference(model: nn.Module, precision: str = "bf16",
 
     Args:
         model: an eval-mode model; its parameters stay fp32.
-        precision: "fp32" (only ``channels_last`` applies), "bf16" or "fp16" (CUDA only).
-        channels_last: run the backbone and heads' convs in NHWC memory format.
+        precision: "fp32" (only ``channels_last`` applies), "bf16", "fp16" (CUDA only) or
+            "auto": fp16 on CUDA, bf16 on a CPU with native bf16 (AVX512-BF16/AMX), exact fp32
+            in channels-last on other CPUs (where bf16 is emulated: an explicit "bf16" there
+            warns once).
+        channels_last: run the backbone and heads' convs in NHWC memory format (with "auto",
+            True forces channels-last on whatever "auto" picks).
 
     Returns:
         the same model.
     """
-    if precision not in PRECISIONS:
+    if precision not in INFERENCE_PRECISIONS:
         raise ValueError(
             f"MODEL.FAST_INFERENCE.PRECISION: unknown value {precision!r}; "
-            f"expected one of {sorted(PRECISIONS)}"
+            f"expected one of {list(INFERENCE_PRECISIONS)}"
         )
+    if not isinstance(channels_last, bool):
+        raise ValueError(f"MODEL.FAST_INFERENCE.CHANNELS_LAST must be True or False, got "
+                         f"{channels_last!r}")
     device_type = next(model.parameters()).device.type
+    if precision == "auto":
+        precision, auto_channels_last = auto_inference_path(device_type)
+        channels_last = channels_last or auto_channels_last
+    else:
+        warn_if_emulated_bf16(precision, device_type, "MODEL.FAST_INFERENCE.PRECISION")
     if precision == "fp16" and device_type != "cuda":
         raise ValueError(
             "MODEL.FAST_INFERENCE.PRECISION: 'fp16' needs a CUDA device (CPU has no fast fp16 "

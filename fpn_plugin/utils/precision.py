@@ -13,14 +13,19 @@ Parameters are never converted: checkpoints stay fp32 and the same weights serve
 ``restore_components`` undoes everything exactly.
 """
 import contextlib
+import functools
+import logging
 import types
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 __all__ = ["PRECISIONS", "MARKERS", "conv_components", "autocast_components", "restore_components",
-           "to_fp32"]
+           "to_fp32", "cpu_flags", "cpu_has_native_bf16", "auto_inference_path",
+           "auto_training_precision", "warn_if_emulated_bf16"]
+
+logger = logging.getLogger(__name__)
 
 # Precision names -> autocast dtype (None: no autocast).
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -28,6 +33,79 @@ _ORIGINAL = "_fpn_plugin_original_forward"
 # The attributes the two paths set on the model to say which set-up it has, e.g.
 # ``model._fpn_plugin_fast_inference == ("bf16", True)``; one set-up at a time.
 MARKERS = ("_fpn_plugin_fast_inference", "_fpn_plugin_fast_training")
+
+
+# CPU flags of native bf16 matrix math; without them oneDNN emulates bf16, far slower than fp32.
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# What emulated bf16 cost against fp32 where it was measured (benchmarks/bench_cpu_kinds.py,
+# benchmarks/results/bench_cpu_kinds.md: R18 Mask R-CNN inference, one 256 px image, oneDNN/MKL/
+# ATen limited to AVX2 on an AVX512-BF16 EPYC); named in the warning below.
+EMULATED_BF16_SLOWDOWN = "about 80-100x slower than fp32"
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> FrozenSet[str]:
+    """The CPU feature flags the kernel reports (empty where there is no ``/proc/cpuinfo``)."""
+    try:
+        with open(cpuinfo) as f:
+            line = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
+
+
+def cpu_has_native_bf16(flags: Optional[FrozenSet[str]] = None) -> bool:
+    """Whether the CPU (``flags``: its feature flags, default this machine's) runs bf16 matrix
+    math natively (AVX512-BF16 or AMX); elsewhere oneDNN emulates it, slower than fp32."""
+    flags = cpu_flags() if flags is None else flags
+    return any(flag in flags for flag in NATIVE_BF16_FLAGS)
+
+
+def auto_inference_path(device_type: str, native_bf16: Optional[bool] = None) -> Tuple[str, bool]:
+    """
+    ``(precision, channels_last)`` that the inference precision ``"auto"`` stands for: fp16 on
+    CUDA; bf16 on a CPU with native bf16 (NCHW: channels-last added nothing there, 0.986x in
+    benchmarks/results/bench_fast_path.md); on other CPUs exact fp32 in channels-last, faster
+    than NCHW fp32 where bf16 is emulated (benchmarks/results/bench_cpu_kinds.md).
+
+    Args:
+        native_bf16: whether the CPU has native bf16 (default: :func:`cpu_has_native_bf16`).
+    """
+    if device_type == "cuda":
+        return "fp16", False
+    native = cpu_has_native_bf16() if native_bf16 is None else native_bf16
+    return ("bf16", False) if native else ("fp32", True)
+
+
+def auto_training_precision(device_type: str, native_bf16: Optional[bool] = None) -> str:
+    """The training precision ``"auto"`` stands for: fp16 on CUDA (with a gradient scaler, as
+    Detectron2's ``AMPTrainer``), bf16 on a CPU with native bf16, fp32 on other CPUs."""
+    if device_type == "cuda":
+        return "fp16"
+    native = cpu_has_native_bf16() if native_bf16 is None else native_bf16
+    return "bf16" if native else "fp32"
+
+
+_WARNED_EMULATED = set()
+
+
+def warn_if_emulated_bf16(precision: str, device_type: str, key: str,
+                          native_bf16: Optional[bool] = None) -> bool:
+    """
+    Warn once per setting ``key`` when ``precision`` is an explicit bf16 on a CPU without native
+    bf16 (emulated: far slower than fp32). Returns whether it is such a case.
+    """
+    if precision != "bf16" or device_type != "cpu":
+        return False
+    if cpu_has_native_bf16() if native_bf16 is None else native_bf16:
+        return False
+    if key not in _WARNED_EMULATED:
+        _WARNED_EMULATED.add(key)
+        logger.warning(
+            f"{key} 'bf16': this CPU has no AVX512-BF16/AMX, so bf16 is emulated, "
+            f"{EMULATED_BF16_SLOWDOWN} where measured (benchmarks/results/bench_cpu_kinds.md); "
+            f"use 'auto' (fp32 + channels-last on this CPU) or 'fp32'")
+    return True
 
 
 def to_fp32(x):

@@ -24,6 +24,7 @@ from fpn_plugin.engine.precision import (
     enable_fast_training,
     make_train_loop,
 )
+import fpn_plugin.utils.precision as fpn_precision
 from fpn_plugin.utils.precision import conv_components
 
 
@@ -227,8 +228,10 @@ def test_bad_settings_name_the_key(cfg, precision, channels_last, match):
     assert "forward" not in model.backbone.__dict__
 
 
-def test_errors_name_the_callers_keys():
+def test_errors_name_the_callers_keys(monkeypatch):
     """The LazyConfig entry validates with its own key names."""
+    # "auto" depends on the CPU (tests/inference/test_auto_path.py): fake one with native bf16.
+    monkeypatch.setattr(fpn_precision, "cpu_has_native_bf16", lambda flags=None: True)
     keys = ("train.amp.precision", "train.channels_last")
     with pytest.raises(ValueError, match="train.amp.precision 'fp16' needs a CUDA device"):
         check_training_precision("fp16", "cpu", False, keys=keys)
