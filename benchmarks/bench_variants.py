@@ -341,11 +341,14 @@ def study_cfg(settings: Settings, overrides: Sequence, split: str, data_root: st
     """The study's config (bench_mask_heads.build_cfg's model, AdamW) plus ``overrides``."""
     import bench_mask_heads
 
+    from fpn_plugin.config import add_shapes_config
+
     args = argparse.Namespace(components="plugin", image_size=settings.image_size,
                               batch=settings.batch, lr=settings.lr, iters=settings.iters)
     names = (f"{split}_train", f"{split}_val")
     cfg, _ = bench_mask_heads.build_cfg(args, PARITY, seed, *names)
     cfg.defrost()
+    add_shapes_config(cfg)  # the study trains on the shapes dataset: its DATASETS.SHAPES keys
     cfg.merge_from_list([
         # From scratch in a few hundred steps AdamW gets far further than SGD (the demo's
         # tuning); Detectron2's schedule shape: warm-up, x0.1 at 75% and 92%.

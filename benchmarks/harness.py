@@ -423,12 +423,6 @@ def refresh_blocks() -> List[str]:
     return changed
 
 
-if __name__ == "__main__":
-    # `python benchmarks/harness.py`: the README/docs blocks from the tracked results files.
-    for line in refresh_blocks() or ["every block already equals its results file"]:
-        print(line)
-
-
 def mark_stale_results() -> List[str]:
     """Sets (or clears) every tracked result's ``stale`` reason from git and re-renders it
     (its .md and its README/docs blocks), so a stale figure says so where it is shown.
@@ -464,10 +458,14 @@ def mark_stale_results() -> List[str]:
 
 
 if __name__ == "__main__":
-    # python benchmarks/harness.py --mark-stale: after code changes (or a merge), mark the
-    # tracked results that predate the code they measure.
+    # `python benchmarks/harness.py`: the README/docs blocks from the tracked results files;
+    # `--mark-stale`: after code changes (or a merge), first mark the tracked results that
+    # predate the code they measure (and re-render them).
     import sys
 
-    if sys.argv[1:] != ["--mark-stale"]:
-        sys.exit("usage: python benchmarks/harness.py --mark-stale")
-    print("stale:", ", ".join(mark_stale_results()) or "none")
+    if sys.argv[1:] not in ([], ["--mark-stale"]):
+        sys.exit("usage: python benchmarks/harness.py [--mark-stale]")
+    if sys.argv[1:] == ["--mark-stale"]:
+        print("stale:", ", ".join(mark_stale_results()) or "none")
+    for line in refresh_blocks() or ["every block already equals its results file"]:
+        print(line)

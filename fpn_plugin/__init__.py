@@ -13,8 +13,9 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated",
                             category=FutureWarning)
     from . import mask_head, neck, rpn  # noqa: F401  (registers the components)
-from .config import add_fpn_plugin_config, load_config, with_plugin_defaults
+from .config import add_fpn_plugin_config, add_shapes_config, load_config, with_plugin_defaults
 from .utils.env import has_compiled_ops
 
-__version__ = "0.1.0"
-__all__ = ["add_fpn_plugin_config", "has_compiled_ops", "load_config", "with_plugin_defaults"]
+__version__ = "0.2.0"
+__all__ = ["add_fpn_plugin_config", "add_shapes_config", "has_compiled_ops", "load_config",
+           "with_plugin_defaults"]

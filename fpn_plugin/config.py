@@ -2,7 +2,7 @@
 import os
 from typing import Sequence
 
-from .data.config import add_data_config
+from .data.config import add_data_config, add_shapes_config, names_shapes_dataset
 from .engine.config import add_engine_config
 from .inference.config import add_inference_config
 from .mask_head.config import add_mask_head_config
@@ -10,7 +10,8 @@ from .neck.config import add_neck_config
 from .rpn.config import add_rpn_config
 from .utils.config import add_missing_keys, with_missing_keys
 
-__all__ = ["add_fpn_plugin_config", "load_config", "with_plugin_defaults"]
+__all__ = ["add_fpn_plugin_config", "add_shapes_config", "load_config", "uses_shapes_dataset",
+           "with_plugin_defaults"]
 
 _COMPONENT_ADDERS = [add_neck_config, add_rpn_config, add_mask_head_config, add_data_config,
                      add_engine_config, add_inference_config]
@@ -21,6 +22,9 @@ def add_fpn_plugin_config(cfg):
     Add every fpn_plugin config key, with its default, to ``cfg`` (in place).
 
     Call it on a fresh config (``get_cfg()``) before merging a YAML that uses plugin keys.
+    The embedded shapes dataset's keys (``DATASETS.SHAPES.*``) are not among them:
+    ``add_shapes_config(cfg)`` adds those, and ``load_config`` does so for a config that
+    uses that dataset.
     Detectron2's global defaults are never edited, so configs built without this call are
     unaffected. Calling it twice on one config is harmless; on a frozen config it raises.
 
@@ -46,7 +50,8 @@ def with_plugin_defaults(cfg):
 
 def load_config(config_file: str, opts: Sequence[str] = (), *, freeze: bool = True):
     """
-    The config of the plugin's command-line entries: Detectron2's defaults, the plugin's keys,
+    The config of the plugin's command-line entries: Detectron2's defaults, the plugin's keys
+    (and the shapes dataset's where the config uses it: ``uses_shapes_dataset``),
     ``config_file`` and the trailing ``KEY VALUE`` overrides ``opts``.
 
     The file is read by :func:`fpn_plugin.io.merge_config_file`: plain YAML only (a Python
@@ -68,6 +73,8 @@ def load_config(config_file: str, opts: Sequence[str] = (), *, freeze: bool = Tr
         raise FileNotFoundError(f"config file not found: {config_file!r}")
     cfg = get_cfg()
     add_fpn_plugin_config(cfg)
+    if uses_shapes_dataset(config_file, opts):
+        add_shapes_config(cfg)
     try:
         merge_config_file(cfg, config_file)
         cfg.merge_from_list(list(opts))
@@ -81,3 +88,19 @@ def load_config(config_file: str, opts: Sequence[str] = (), *, freeze: bool = Tr
     if freeze:
         cfg.freeze()
     return cfg
+
+
+def uses_shapes_dataset(config_file: str, opts: Sequence[str] = ()) -> bool:
+    """
+    Whether the YAML ``config_file`` (its ``_BASE_`` files included) or the overrides ``opts``
+    name a ``shapes_*`` dataset or set ``DATASETS.SHAPES``: the configs that get the shapes
+    dataset's keys (``add_shapes_config``). False for a file that cannot be read as plain YAML
+    (merging it reports why).
+    """
+    from detectron2.config import CfgNode
+
+    try:
+        content = CfgNode.load_yaml_with_base(config_file, allow_unsafe=False)
+    except Exception:
+        content = {}
+    return names_shapes_dataset(content if isinstance(content, dict) else {}, opts)

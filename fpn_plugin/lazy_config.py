@@ -146,7 +146,8 @@ def model_zoo_recipe(config_path: str) -> DictConfig:
     """
     A Detectron2 model-zoo LazyConfig recipe with the plugin's components: the config
     ``detectron2.model_zoo.get_config(config_path)`` returns (read from the installed
-    Detectron2, not copied), its ``model`` passed through :func:`with_plugin_components`.
+    Detectron2, not copied, by ``fpn_plugin.model_zoo.get_detectron2_config``), its ``model``
+    passed through :func:`with_plugin_components`.
 
     Args:
         config_path (str): a model-zoo config path, e.g.
@@ -156,11 +157,11 @@ def model_zoo_recipe(config_path: str) -> DictConfig:
         DictConfig: ``dataloader``, ``lr_multiplier``, ``model``, ``optimizer``, ``train``
         (whatever the recipe defines), the model the plugin's.
     """
-    from detectron2 import model_zoo
+    from .model_zoo import get_detectron2_config
 
     if not config_path.endswith(".py"):
         raise ValueError(f"model_zoo_recipe reads LazyConfig (.py) recipes, got {config_path!r}")
-    cfg = model_zoo.get_config(config_path)
+    cfg = get_detectron2_config(config_path)
     cfg.model = with_plugin_components(cfg.model)
     return cfg
 

@@ -49,18 +49,40 @@ class ConfigFile(NamedTuple):
 
 def resolve_config_file(config_file: str) -> ConfigFile:
     """
-    The file ``--config-file`` names and its kind: a ``.py`` file is a LazyConfig; a YAML file
+    The file ``--config-file`` names and its kind. A name that is no file here but one of
+    the plugin's configs (``fpn_plugin.model_zoo``, e.g.
+    ``COCO-InstanceSegmentation/mask_rcnn_R_50_custom_fpn_1x.yaml``) is that config's path in
+    the installed package. A ``.py`` file is a LazyConfig; a YAML file
     is a LazyConfig when its top-level entries are a LazyConfig's (``model``, ``train``,
     ``dataloader``, ...; also when it is not plain YAML, so that the LazyConfig loader refuses
     it with its message), else a Detectron2 YAML config. A missing file is left to the
     loader of its kind, which names it.
     """
+    if not os.path.exists(config_file):
+        config_file = _model_zoo_file(config_file)
     ext = os.path.splitext(config_file)[1].lower()
     if ext == ".py":
         return ConfigFile(config_file, "lazy")
     if ext in (".yaml", ".yml") and os.path.isfile(config_file) and _is_lazy_yaml(config_file):
         return ConfigFile(config_file, "lazy")
     return ConfigFile(config_file, "yaml")
+
+
+def _model_zoo_file(name: str) -> str:
+    """The model-zoo config ``name`` names, else ``name`` (the loader then reports the missing
+    file; with the model zoo's close names, if it has any)."""
+    from .model_zoo import get_config_file
+
+    try:
+        return get_config_file(name)
+    except ValueError:  # not a model-zoo name (an absolute path, another suffix)
+        return name
+    except FileNotFoundError as e:
+        if "did you mean" not in str(e):
+            return name
+        hint = str(e)[str(e).index("did you mean"):]
+        raise FileNotFoundError(f"config file not found: {name!r} (not a file, nor one of "
+                                f"fpn_plugin's model-zoo configs; {hint})") from e
 
 
 def _is_lazy_yaml(path: str) -> bool:
@@ -202,7 +224,9 @@ _ENTRIES = {"yaml": train_yaml, "lazy": train_lazy}
 
 def main(args):
     """One process of a run: the YAML or the LazyConfig entry, by ``--config-file``'s kind."""
-    return _ENTRIES[resolve_config_file(args.config_file).kind](args)
+    config = resolve_config_file(args.config_file)
+    args.config_file = config.path  # a model-zoo name becomes its file
+    return _ENTRIES[config.kind](args)
 
 
 def cli(argv: Optional[Sequence[str]] = None, kind: Optional[str] = None) -> None:
@@ -216,8 +240,9 @@ def cli(argv: Optional[Sequence[str]] = None, kind: Optional[str] = None) -> Non
 
     quiet_third_party_noise()
     args = build_parser().parse_args(argv)
-    with exit_on_errors(ValueError):
+    with exit_on_errors(ValueError, FileNotFoundError):
         check_launch_args(args.num_gpus, args.num_machines, args.machine_rank)
+        args.config_file = resolve_config_file(args.config_file).path
     print("Command Line Args:", args)
     try:
         launch_entry(main if kind is None else _ENTRIES[kind], args)

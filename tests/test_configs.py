@@ -54,9 +54,14 @@ BUILTIN_NAMES = {
 
 
 def load_cfg(rel_path):
+    from fpn_plugin.config import add_shapes_config, uses_shapes_dataset
+
+    path = os.path.join(ROOT, "configs", rel_path)
     cfg = get_cfg()
     add_fpn_plugin_config(cfg)
-    cfg.merge_from_file(os.path.join(ROOT, "configs", rel_path))
+    if uses_shapes_dataset(path):  # the demo: the shapes dataset's keys come with it
+        add_shapes_config(cfg)
+    cfg.merge_from_file(path)
     return cfg
 
 

@@ -215,3 +215,74 @@ def test_every_test_the_docs_name_exists(collected):
     # A parametrized test may be named as a whole (all its cases).
     missing = [n for n in named if n not in have and not any(h.startswith(n + "[") for h in have)]
     assert not missing, missing
+
+
+_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+# Pages whose headings other pages link to after the README's sections moved into docs/: links
+# into them must name an existing heading too.
+_ANCHORS_CHECKED = {"README.md", "docs/benchmarks.md", "docs/commands.md", "docs/config_keys.md",
+                    "docs/demo.md", "docs/development.md", "docs/lazyconfig.md",
+                    "docs/model_zoo.md"}
+
+
+def _prose(text):
+    """The text outside fenced code blocks."""
+    out, in_code = [], False
+    for line in text.splitlines():
+        if _FENCE.match(line) or (in_code and line.strip() == "```"):
+            in_code = not in_code
+            continue
+        if not in_code:
+            out.append(line)
+    return "\n".join(out)
+
+
+def _anchor(heading):
+    """GitHub's id of a markdown heading: lower case, punctuation dropped, spaces to '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(doc):
+    with open(os.path.join(ROOT, doc), encoding="utf-8") as f:
+        return {_anchor(m.group(1)) for m in re.finditer(r"^#+ (.+)$", _prose(f.read()), re.M)}
+
+
+def _broken_links(docs):
+    broken = []
+    for doc in docs:
+        with open(os.path.join(ROOT, doc), encoding="utf-8") as f:
+            text = _prose(f.read())
+        for target in _LINK.findall(text):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:, ...
+                continue
+            path, _, anchor = target.partition("#")
+            resolved = os.path.normpath(os.path.join(os.path.dirname(doc), path)) if path else doc
+            if not os.path.exists(os.path.join(ROOT, resolved)):
+                broken.append(f"{doc}: {target} (no {resolved})")
+            elif anchor and resolved.replace(os.sep, "/") in _ANCHORS_CHECKED \
+                    and anchor not in _anchors(resolved):
+                broken.append(f"{doc}: {target} (no heading #{anchor} in {resolved})")
+    return broken
+
+
+def test_every_relative_link_resolves():
+    """Each relative link of README.md and docs/*.md names a file that exists (and, into the
+    README and the pages its sections moved to, a heading that exists)."""
+    links = sum(len(_LINK.findall(open(os.path.join(ROOT, d), encoding="utf-8").read()))
+                for d in DOCS)
+    assert links >= 40
+    broken = _broken_links(DOCS)
+    assert not broken, "\n".join(broken)
+
+
+def test_link_check_catches_a_missing_file_and_heading(tmp_path, monkeypatch):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (tmp_path / "README.md").write_text("# Top\n\n## A heading (`X.Y`)\n\n[ok](docs/a.md) "
+                                        "[ok](#a-heading-xy) [gone](docs/b.md) [bad](#nope)\n"
+                                        "```bash\n[in code](missing.md)\n```\n")
+    (docs / "a.md").write_text("[up](../README.md#top) [ext](https://example.com/x.md)\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", str(tmp_path))
+    broken = _broken_links(["README.md", "docs/a.md"])
+    assert broken == ["README.md: docs/b.md (no docs/b.md)",
+                      "README.md: #nope (no heading #nope in README.md)"], broken

@@ -1,5 +1,6 @@
 """The plugin imports, registers safely, and adds its config keys to a fresh config."""
 import importlib
+import os
 import sys
 
 import global_state_testutils
@@ -96,17 +97,20 @@ def _leaf_keys(node, prefix=""):
             yield prefix + key
 
 
-def test_readme_documents_every_plugin_config_key():
-    """Each key add_fpn_plugin_config adds has a row in README's key tables."""
+def test_config_keys_page_documents_every_plugin_config_key():
+    """Each key add_fpn_plugin_config adds has a row in the key tables (docs/config_keys.md,
+    moved there from the README)."""
     import os
 
     from fpn_plugin import add_fpn_plugin_config
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "README.md")) as f:
+    with open(os.path.join(root, "docs", "config_keys.md")) as f:
         rows = [line for line in f if line.startswith("| `")]
+    from fpn_plugin.config import add_shapes_config
+
     cfg = get_cfg()
-    add_fpn_plugin_config(cfg)
+    add_shapes_config(add_fpn_plugin_config(cfg))  # the shapes keys are documented there too
     detectron2_keys = set(_leaf_keys(get_cfg()))
     added = [k for k in _leaf_keys(cfg) if k not in detectron2_keys]
     assert len(added) >= 20
@@ -117,4 +121,49 @@ def test_readme_documents_every_plugin_config_key():
         if not any(f"`{key}`" in row or (f"`{parent}." in row and f"`{leaf}`" in row)
                    for row in rows):
             undocumented.append(key)
-    assert not undocumented, f"README has no table row for: {undocumented}"
+    assert not undocumented, f"docs/config_keys.md has no table row for: {undocumented}"
+
+
+# -- the shapes dataset's keys: only in the configs that use that dataset ---------------------
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_COCO_YAML = f"{_ROOT}/configs/COCO-InstanceSegmentation/mask_rcnn_R_50_custom_fpn_1x.yaml"
+_DEMO_YAML = f"{_ROOT}/configs/Demo/mask_rcnn_R_18_custom_fpn_shapes.yaml"
+
+
+def test_component_keys_leave_out_the_shapes_dataset():
+    from fpn_plugin import add_fpn_plugin_config, load_config
+
+    assert "SHAPES" not in add_fpn_plugin_config(get_cfg()).DATASETS
+    cfg = load_config(_COCO_YAML)
+    assert "SHAPES" not in cfg.DATASETS and "SHAPES" not in cfg.dump()
+    assert cfg.MODEL.FPN.TOP_BLOCK == "maxpool"  # the component keys are there
+
+
+@pytest.mark.parametrize("opts", [
+    [],
+    ["DATASETS.TEST", "('shapes_hard_val',)"],
+    ["DATASETS.SHAPES.IMAGE_SIZE", "64"],
+])
+def test_configs_using_the_shapes_dataset_get_its_keys(opts, tmp_path):
+    from fpn_plugin import load_config
+
+    demo = load_config(_DEMO_YAML, opts)
+    assert demo.DATASETS.SHAPES.NUM_TRAIN == 400  # the demo's value
+    assert demo.DATASETS.SHAPES.HARD.MAX_INSTANCES == 12  # a default it does not set
+    if opts:  # a config that does not name the dataset, told to by its overrides
+        assert "SHAPES" in load_config(_COCO_YAML, opts).DATASETS
+    # A YAML inheriting the demo's through _BASE_ uses the dataset too.
+    child = tmp_path / "child.yaml"
+    child.write_text(f'_BASE_: "{_DEMO_YAML}"\nSOLVER:\n  MAX_ITER: 2\n')
+    assert load_config(str(child)).DATASETS.SHAPES.IMAGE_SIZE == 256
+
+
+def test_add_shapes_config_keeps_values_already_set():
+    from fpn_plugin import add_shapes_config
+
+    cfg = add_shapes_config(get_cfg())
+    cfg.DATASETS.SHAPES.NUM_VAL = 7
+    del cfg.DATASETS.SHAPES.HARD["DISTRACTORS"]
+    add_shapes_config(cfg)
+    assert cfg.DATASETS.SHAPES.NUM_VAL == 7 and cfg.DATASETS.SHAPES.HARD.DISTRACTORS == 8

@@ -7,11 +7,12 @@
 # (read from its model zoo) and are sized here like the YAML demo.
 import detectron2.data.transforms as T
 import torch
-from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 from detectron2.solver import WarmupParamScheduler
 from detectron2.solver.build import get_default_optimizer_params
 from fvcore.common.param_scheduler import MultiStepParamScheduler
+
+from fpn_plugin.model_zoo import get_detectron2_config
 
 from ..common.models.mask_rcnn_custom_fpn import model
 
@@ -41,7 +42,7 @@ roi_heads.mask_head.conv_dims = [64] * 5  # 4 convs + the deconv
 del bottom_up, rpn, roi_heads  # shorthands only: LazyConfig.load would keep them as entries
 
 # -- data: the shapes dataset at 256 px --------------------------------------------------------
-dataloader = model_zoo.get_config("common/data/coco.py").dataloader
+dataloader = get_detectron2_config("common/data/coco.py").dataloader
 dataloader.train.dataset.names = "shapes_train"
 dataloader.train.mapper.augmentations = [
     L(T.ResizeShortestEdge)(short_edge_length=(256,), max_size=256, sample_style="choice"),
@@ -67,7 +68,7 @@ optimizer = L(torch.optim.AdamW)(
     lr=0.001,
     weight_decay=1e-4,
 )
-train = model_zoo.get_config("common/train.py").train
+train = get_detectron2_config("common/train.py").train
 train.output_dir = "output/demo_lazy"
 train.max_iter = 1000
 train.eval_period = 250

@@ -9,7 +9,8 @@ benchmark script rewrites:
 - each ``<!-- bench:NAME -->`` block in README.md or docs/*.md is exactly ``NAME.md``;
 - every other table of measurements (a header naming AP, times, memory, ratios) is tagged
   ``<!-- figures: SOURCE -->`` on the line before it, SOURCE being a file of this repository
-  whose content holds each number of the table (or ``quoted: ...`` for figures quoted from
+  whose content holds each number of the table (several files joined by `` + ``: each number in
+  one of them; or ``quoted: ...`` for figures quoted from
   elsewhere, never measured here).
 
 New benchmarks fit in by writing through ``harness.save`` / ``harness.write_payload``.
@@ -190,11 +191,14 @@ def _table_problems(doc, text):
         source = tag.group(1)
         if source.startswith("quoted: "):
             continue
-        source_path = os.path.join(ROOT, source)
-        if not os.path.isfile(source_path):
-            unsupported.append(f"{where}: source {source} does not exist")
+        # A table may gather figures of several files: "FILE + FILE + ...".
+        source_paths = [os.path.join(ROOT, s) for s in source.split(" + ")]
+        absent = [p for p in source_paths if not os.path.isfile(p)]
+        if absent:
+            unsupported.append(f"{where}: source {source} does not exist "
+                               f"({', '.join(os.path.relpath(p, ROOT) for p in absent)})")
             continue
-        numbers = _numbers_in(source_path)
+        numbers = set().union(*(_numbers_in(p) for p in source_paths))
         for row in table[2:]:
             for token in NUMBER.findall(row):
                 if not _shown_from(token, numbers):
@@ -227,6 +231,15 @@ def test_table_check_catches_untagged_and_unsourced_figures(tmp_path):
     assert _table_problems("doc", "<!-- figures: quoted: elsewhere -->\n" + table.format("1")) \
         == ([], [])
     assert _table_problems("doc", "| key | default |\n|---|---|\n| A | 2 |\n") == ([], [])
+    # Several sources: each figure may come from any of them, and every file must exist.
+    other = tmp_path / "other.md"
+    other.write_text("| t | 1.5 ms |\n")
+    both = f"x\n<!-- figures: {source} + {other} -->\n" + table
+    assert _table_problems("doc", both.format("74.6")) == ([], [])
+    assert _table_problems("doc", both.format("1.5")) == ([], [])
+    assert _table_problems("doc", both.format("2.5"))[1]
+    assert "does not exist" in _table_problems(
+        "doc", f"x\n<!-- figures: {source} + {tmp_path}/gone.md -->\n" + table.format("74.6"))[1][0]
 
 
 @pytest.mark.parametrize("name", [n for n in RESULT_NAMES if n == "bench_deploy"])

@@ -159,9 +159,10 @@ def test_bad_shapes_config_names_the_key(tmp_path, key, value):
     from detectron2.config import get_cfg
 
     from fpn_plugin import add_fpn_plugin_config
+    from fpn_plugin.config import add_shapes_config
     from fpn_plugin.data.shapes import register_shapes_from_config
 
-    cfg = add_fpn_plugin_config(get_cfg())
+    cfg = add_shapes_config(add_fpn_plugin_config(get_cfg()))
     cfg.DATASETS.SHAPES.ROOT = str(tmp_path)
     cfg.DATASETS.SHAPES[key] = value
     with pytest.raises(ValueError, match=rf"DATASETS.SHAPES.{key} .*{value}"):
@@ -190,11 +191,12 @@ def test_register_shapes_if_named_only_registers_the_named_unregistered_dataset(
     from hostile_testutils import datasets_set_aside
 
     from fpn_plugin import add_fpn_plugin_config
+    from fpn_plugin.config import add_shapes_config
     from fpn_plugin.data.shapes import SHAPES_DATASET_NAMES, register_shapes_if_named
 
     # Other tests in this process may have registered the real names: set them aside.
     with datasets_set_aside(SHAPES_DATASET_NAMES):
-        cfg = add_fpn_plugin_config(get_cfg())
+        cfg = add_shapes_config(add_fpn_plugin_config(get_cfg()))
         cfg.DATASETS.SHAPES.ROOT = str(tmp_path / "shapes")
         cfg.DATASETS.SHAPES.NUM_TRAIN, cfg.DATASETS.SHAPES.NUM_VAL = 2, 1
         cfg.DATASETS.SHAPES.IMAGE_SIZE = 64

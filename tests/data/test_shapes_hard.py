@@ -13,8 +13,9 @@ def _cfg(tmp_path):
     from detectron2.config import get_cfg
 
     from fpn_plugin import add_fpn_plugin_config
+    from fpn_plugin.config import add_shapes_config
 
-    cfg = add_fpn_plugin_config(get_cfg())
+    cfg = add_shapes_config(add_fpn_plugin_config(get_cfg()))
     cfg.DATASETS.SHAPES.ROOT = str(tmp_path / "shapes")
     cfg.DATASETS.SHAPES.HARD.ROOT = str(tmp_path / "shapes_hard")
     cfg.DATASETS.SHAPES.NUM_TRAIN, cfg.DATASETS.SHAPES.NUM_VAL = 3, 2

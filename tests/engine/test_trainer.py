@@ -11,7 +11,7 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from hostile_testutils import code_running_checkpoint
 
-from fpn_plugin import add_fpn_plugin_config
+from fpn_plugin import add_fpn_plugin_config, add_shapes_config
 from fpn_plugin.data.shapes import register_shapes_dataset
 from fpn_plugin.engine import Trainer, check_amp_config, plot_training_curve, read_metrics
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("restore_loggers")
 
 def tiny_cfg(output_dir, train, test=(), max_iter=2):
     cfg = get_cfg()
-    add_fpn_plugin_config(cfg)
+    add_shapes_config(add_fpn_plugin_config(cfg))  # the demo config sets DATASETS.SHAPES
     cfg.merge_from_file(DEMO_CONFIG)
     cfg.merge_from_list(TINY_OPTS)
     cfg.DATASETS.TRAIN = tuple(train)

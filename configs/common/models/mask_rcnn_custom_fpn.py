@@ -7,11 +7,12 @@
 #   model.backbone.fuse_type = "weighted"            # fast normalized fusion
 #   model.proposal_generator.head.shared = False     # an RPN head per level
 # Use it like Detectron2's: `from ..common.models.mask_rcnn_custom_fpn import model`.
-from detectron2 import model_zoo
-
+# get_detectron2_config reads Detectron2's file as detectron2.model_zoo.get_config does, without
+# importing detectron2.model_zoo (v0.6's needs pkg_resources, gone from setuptools >= 81).
 from fpn_plugin.lazy_config import with_plugin_components
+from fpn_plugin.model_zoo import get_detectron2_config
 
-_detectron2 = model_zoo.get_config("common/models/mask_rcnn_fpn.py")
+_detectron2 = get_detectron2_config("common/models/mask_rcnn_fpn.py")
 model = with_plugin_components(_detectron2.model)
 # Detectron2 main's file also defines the pixel statistics it reads (common/data/constants.py).
 if "constants" in _detectron2:
