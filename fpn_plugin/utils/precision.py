@@ -40,7 +40,7 @@ NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # What emulated bf16 cost against fp32 where it was measured (benchmarks/bench_cpu_kinds.py,
 # benchmarks/results/bench_cpu_kinds.md: R18 Mask R-CNN inference, one 256 px image, oneDNN/MKL/
 # ATen limited to AVX2 on an AVX512-BF16 EPYC); named in the warning below.
-EMULATED_BF16_SLOWDOWN = "about 80-100x slower than fp32"
+EMULATED_BF16_SLOWDOWN = "about 50-100x slower than fp32"
 
 
 @functools.lru_cache(maxsize=None)
