@@ -127,7 +127,41 @@ def _claims_rpn_head(ns, out):
     assert type(ns["head"]).__name__ == "SharedConvGroupedRPNHead"  # "-> SharedConvGrouped..."
 
 
+def _claims_model_zoo_use(ns, out):
+    # A YAML and a LazyConfig config by name: both built from the plugin's components.
+    assert out.strip().splitlines()[-1] == "CustomFPN PerLevelRPN"
+    assert type(ns["model"].backbone).__name__ == "CustomFPN"
+    assert type(ns["lazy_model"].backbone.top_down_fusion).__name__ == "WeightedFusion"
+
+
+def _claims_bifpn(ns, out):
+    assert type(ns["neck"]).__name__ == "BiFPN" and len(ns["neck"].cells) == 2
+    shapes = {k: tuple(v.shape) for k, v in ns["out"].items()}
+    assert list(shapes) == ["p2", "p3", "p4", "p5", "p6"]
+    assert shapes["p2"] == (1, 256, 16, 24) and shapes["p6"] == (1, 256, 1, 2)  # as printed
+
+
+def _claims_model_zoo_api(ns, out):
+    lines = out.strip().splitlines()
+    assert lines[0].endswith(ns["name"]) and os.path.isfile(lines[0])  # the file's path
+    assert ns["cfg"].MODEL.BACKBONE.NAME == "build_resnet_custom_fpn_backbone"
+    assert "model" in ns["lazy"] and not ns["model"].training  # LazyConfig; built in eval mode
+    assert lines[-1] == f"{len(ns['model_zoo'].list_configs())} configs; CustomFPN"
+
+
+def _claims_mask_scoring(ns, out):
+    out_instances = ns["out"]
+    assert len(out_instances) == 1 and tuple(out_instances.pred_masks.shape) == (1, 1, 14, 14)  # 2x the 7x7 pooled
+    # mask_scores = the detection score x a predicted IoU in [0, 1]; scores stay the box score.
+    assert float(out_instances.scores) == pytest.approx(0.9)
+    assert 0.0 <= float(out_instances.mask_scores) <= 0.9
+
+
 SNIPPET_CLAIMS = {
+    "lazy_model = instantiate(lazy.model)": _claims_model_zoo_use,
+    "from fpn_plugin.neck import BiFPN": _claims_bifpn,
+    'print(len(model_zoo.list_configs()), "configs;"': _claims_model_zoo_api,
+    "head = MaskScoringHead(": _claims_mask_scoring,
     "model = build_model(cfg)\n": _claims_build_model,
     "print(type(model.backbone).__name__, type(model.proposal_generator).__name__)":
         _claims_lazy,

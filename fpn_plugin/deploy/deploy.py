@@ -346,7 +346,8 @@ def deploy_model(cfg, weights: Optional[str] = None, *, output_dir: str,
     check_deployable(model, method)
     if fmt == "onnx":
         check_onnx_exportable(model, opset)
-    path = OutputFolder(output_dir).file(MODEL_FILES[fmt])  # the writing boundary
+    folder = OutputFolder(output_dir)  # the writing boundary
+    path = folder.file(MODEL_FILES[fmt])
     first = samples[0].image.to(model.device)
     logger.info("%s the model on %s (input %s)", "tracing" if method == "trace" else "scripting",
                 samples[0].name, tuple(first.shape))
@@ -360,7 +361,8 @@ def deploy_model(cfg, weights: Optional[str] = None, *, output_dir: str,
                              getattr(model, "_fpn_plugin_fast_inference", None), fields)
     summary = build_summary(deployed, samples, diffs, tolerances,
                             {"export": export_seconds, "total": time.perf_counter() - start})
-    atomic_write_json(OutputFolder(output_dir).file(SUMMARY_FILE), summary)
+    atomic_write_json(folder.file(SUMMARY_FILE), summary)
+    folder.record(MODEL_FILES[fmt], SUMMARY_FILE)
     return summary
 
 

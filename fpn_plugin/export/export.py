@@ -271,11 +271,22 @@ class ImageOutputWriter:
         # The writing boundary: no file outside output_dir, none through a symlinked
         # subfolder (checked here, before the model is built, and at every write).
         self._folder = OutputFolder(output_dir)
+        self._written: List[str] = []  # recorded in the manifest when the export ends
         for sub in _SUBFOLDERS:
             self._folder.file(f"{sub}/_", create_folders=False)
 
     def _path(self, *parts: str) -> str:
-        return self._folder.file("/".join(parts))
+        name = "/".join(parts)
+        self._written.append(name)
+        return self._folder.file(name)
+
+    def path(self, name: str) -> str:
+        """The checked path of a file of the export (e.g. ``results.json``), recorded as ours."""
+        return self._path(name)
+
+    def record_written(self) -> None:
+        """Record every file this export wrote in the folder's manifest (one write for all)."""
+        self._folder.record(*self._written)
 
     def shown_instances(self, result: ImageResult):
         """The instances drawn: score >= threshold, highest score first."""
@@ -446,7 +457,8 @@ def _run(plan: ExportPlan, predictor: Predictor, writer: ImageOutputWriter, eval
                                              image_format)
     summary = _summary(plan, skipped, num_detections, time.perf_counter() - start)
     evaluation_error = _evaluate(evaluator, summary) if evaluator is not None else None
-    atomic_write_json(os.path.join(plan.output_dir, SUMMARY_FILE), summary, indent=2, default=str)
+    atomic_write_json(writer.path(SUMMARY_FILE), summary, indent=2, default=str)
+    writer.record_written()
     logger.info("exported %d/%d images (%d detections) in %.1f s; skipped %d",
                 summary["num_exported"], len(plan.items), num_detections, summary["seconds"],
                 len(skipped))
@@ -473,9 +485,9 @@ def _export_images(plan: ExportPlan, predictor: Predictor, writer: ImageOutputWr
     progress = ProgressLogger(len(items), "export", logger, period_s=options.progress_period_s)
     with ExitStack() as stack:
         results = stack.enter_context(
-            StreamingJSONArrayWriter(os.path.join(plan.output_dir, RESULTS_FILE)))
+            StreamingJSONArrayWriter(writer.path(RESULTS_FILE)))
         images = stack.enter_context(
-            StreamingJSONArrayWriter(os.path.join(plan.output_dir, IMAGES_FILE)))
+            StreamingJSONArrayWriter(writer.path(IMAGES_FILE)))
         for item in items:
             try:
                 image = _read_checked(item, image_format, options.max_image_pixels)

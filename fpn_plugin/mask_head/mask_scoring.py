@@ -216,7 +216,7 @@ class MaskScoringHead(BaseMaskRCNNHead):
             maskiou_num_conv, maskiou_conv_dim, maskiou_num_fc, maskiou_fc_dim, maskiou_loss_weight
         )
         # The plain head's layers under their own names (its checkpoints load), applied in
-        # order from a plain list (__prepare_scriptable__ makes it a Sequential).
+        # order from a plain list (__prepare_scriptable__ makes it a ModuleList).
         self._fcn_names = tuple(name for name, _ in fcn.named_children())
         for name, layer in fcn.named_children():
             self.add_module(name, layer)
@@ -296,13 +296,16 @@ class MaskScoringHead(BaseMaskRCNNHead):
         return losses
 
     def __prepare_scriptable__(self):
-        """A copy for ``torch.jit.script`` with the plain head's layers as one Sequential
-        (the copy's state-dict keys change accordingly, as for the neck)."""
+        """A copy for ``torch.jit.script`` with the plain head's layers in one ModuleList
+        (the copy's state-dict keys change accordingly, as for the neck). Not a Sequential:
+        scripted as one, it failed once the BiFPN model had been scripted in the same process
+        (TorchScript typed the Sequential's ``forward`` input as a dict); the ModuleList loop
+        is unrolled for this model alone (tests/deploy/test_configs_deploy.py, any order)."""
         ret = copy.deepcopy(self)
         layers = [getattr(ret, name) for name in self._fcn_names]
         for name in self._fcn_names:
             delattr(ret, name)
-        ret.fcn_layers = nn.Sequential(*layers)
+        ret.fcn_layers = nn.ModuleList(layers)
         return ret
 
 

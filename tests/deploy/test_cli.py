@@ -14,6 +14,7 @@ from detectron2.modeling import build_model
 from deploy_testutils import small_cfg, spread_predictions_, write_images
 from hostile_testutils import code_running_checkpoint
 
+from fpn_plugin.io.output import MANIFEST_NAME, OutputFolder
 from fpn_plugin.deploy import cli
 from fpn_plugin.inference import predictor as predictor_module  # builds the model
 
@@ -56,7 +57,9 @@ def test_deploys_checks_and_reports(inputs, tmp_path, capsys, fmt, method):
     out = tmp_path / "out"
     assert _run(inputs, out, "--format", fmt, "--method", method) == 0
     model_file = "model.ts" if fmt == "torchscript" else "model.onnx"
-    assert _files_under(str(out)) == sorted([model_file, "summary.json"])
+    assert _files_under(str(out)) == sorted([model_file, "summary.json", MANIFEST_NAME])
+    # The writing boundary records what the deploy wrote (and only that) as the plugin's own.
+    assert OutputFolder(str(out)).created() == {model_file, "summary.json"}
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     summary = json.loads((out / "summary.json").read_text())
     assert line["passed"] is summary["passed"] is True
@@ -110,7 +113,8 @@ def test_sample_images_from_a_registered_dataset(inputs, tmp_path, capsys):
     finally:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
-    assert _files_under(str(tmp_path / "nested")) == ["out/model.ts", "out/summary.json"]
+    assert _files_under(str(tmp_path / "nested")) == [f"out/{MANIFEST_NAME}", "out/model.ts",
+                                                       "out/summary.json"]
     assert set(os.listdir(tmp_path)) == before | {"nested"}
     summary = json.loads((out / "summary.json").read_text())
     assert [r["name"] for r in summary["images"]][0] == "../../escape"
@@ -217,6 +221,7 @@ def test_writes_only_its_two_files_and_cleans_stale_temporaries(inputs, tmp_path
     stale.write_bytes(b"partial")
     before = set(os.listdir(tmp_path))
     assert _run(inputs, out, "--format", "torchscript", "--max-images", "1") == 0
-    assert _files_under(str(out)) == ["model.ts", "summary.json"]
+    # Its two files, and the writing boundary's manifest that records them as the plugin's.
+    assert _files_under(str(out)) == [MANIFEST_NAME, "model.ts", "summary.json"]
     assert set(os.listdir(tmp_path)) == before
     assert set(os.listdir(inputs["images"])) == {"img_0.png", "img_1.png"}

@@ -22,12 +22,31 @@ from fpn_plugin.export import RESULTS_FILE, export_masks
 from fpn_plugin.export import export as export_module
 from fpn_plugin.inference import predictor as predictor_module  # builds the model
 from fpn_plugin.export.cli import main as cli_main
+from fpn_plugin.io.output import MANIFEST_NAME, OutputFolder
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _tmp_files(folder):
     return [os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs if f.endswith(".tmp")]
+
+
+def test_export_records_every_file_it_wrote_in_the_manifest(image_folder, tiny_cfg, tiny_weights,
+                                                            tmp_path):
+    """The writing boundary's manifest lists what the export wrote (results, image list,
+    summary, pictures), so a cleanup can remove exactly those and nothing of the user's."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("a user's file")
+    export_masks(tiny_cfg, tiny_weights, output_dir=str(out), image_dir=image_folder,
+                 overlays=False)
+    created = OutputFolder(str(out)).created()
+    written = {os.path.relpath(os.path.join(r, f), out) for r, _, fs in os.walk(out) for f in fs}
+    assert RESULTS_FILE in created and "summary.json" in created
+    assert any("/" in name for name in created)  # per-image files in their subfolders
+    # Not recorded: the user's file, the manifest itself and the export's lock file.
+    assert created == written - {"mine.txt", MANIFEST_NAME, ".export.lock"}
+    assert "mine.txt" not in created
 
 
 def test_dataset_export_end_to_end_matches_coco_evaluator(coco_dataset, tiny_cfg, tiny_weights,
