@@ -76,9 +76,6 @@ LAZY_TRAINING_DEFAULTS: Dict[str, Any] = {
     "dataloader.invalid_records": "skip",
     "dataloader.check_images": True,
     "dataloader.max_image_pixels": DEFAULT_MAX_IMAGE_PIXELS,
-    # None, or dict(root=..., num_train=..., num_val=..., image_size=..., seed=...): the
-    # embedded shapes dataset, generated if missing and registered as shapes_train/shapes_val.
-    "dataloader.shapes": None,
     "train.divergence_factor": 100.0,
     # The fast training path (fpn_plugin.engine.precision), twins of SOLVER.AMP.PRECISION and
     # SOLVER.CHANNELS_LAST: with train.amp.enabled, "auto" is fp16 on CUDA (with a gradient
@@ -203,7 +200,9 @@ def check_lazy_training_config(cfg: DictConfig, eval_only: bool = False) -> None
              + [f"train.{k}" for k in _TRAIN_KEYS if k != "init_checkpoint"]
              + ([] if eval_only else ["dataloader.train", "optimizer", "lr_multiplier"]))
     check_training_settings(lazy_reader(cfg), LAZY_KEYS, eval_only=eval_only)
-    _check_shapes(cfg.dataloader.shapes)
+    # dataloader.shapes: only in configs that use the embedded demo dataset (configs/Demo),
+    # dict(root=..., num_train=..., num_val=..., image_size=..., seed=...); never added.
+    _check_shapes(cfg.dataloader.get("shapes"))
     for key, minimum in (("max_iter", 1), ("eval_period", 0), ("log_period", 1)):
         if not _is_int(cfg.train[key], minimum):
             raise ValueError(f"train.{key} must be an integer >= {minimum}, got "

@@ -157,8 +157,9 @@ class OutputFolder:
         return set(self._created)
 
     def files(self) -> List[str]:
-        """Every file under the folder (relative paths; not the manifest nor temporaries).
-        Symlinked folders are listed as entries, never followed."""
+        """Every file under the folder (relative paths; not the manifests nor temporaries: a
+        subfolder written through its own OutputFolder, e.g. the demo's export, keeps its own
+        manifest). Symlinked folders are listed as entries, never followed."""
         out = []
         if not os.path.isdir(self.path):
             return out
@@ -170,7 +171,7 @@ class OutputFolder:
                     names.append(d)
             for name in names:
                 rel = name if rel_root == "." else f"{rel_root}/{name}".replace(os.sep, "/")
-                if rel == MANIFEST_NAME or is_temp_file_name(name):
+                if name == MANIFEST_NAME or is_temp_file_name(name):
                     continue
                 out.append(rel)
         return sorted(out)
