@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from fpn_plugin.deploy import d2_export
+from fpn_plugin.deploy import d2_export, scripting
 
 
 def torchscript_patch():
@@ -36,15 +36,14 @@ def scripted_with_instances(model, fields):
         warnings.simplefilter("ignore")
         stack.enter_context(d2_export.freeze_training_mode(model))
         new_instances = stack.enter_context(d2_export.patch_instances(fields))
-        scripted = torch.jit.script(model)
+        scripted = scripting.script(model)
         yield scripted, new_instances.from_instances
 
 
 def script(module):
-    """``torch.jit.script`` without its deprecation warning."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.jit.script(module)
+    """``torch.jit.script`` without its deprecation warning, deterministic for modules with
+    ``__prepare_scriptable__`` (:func:`fpn_plugin.deploy.scripting.script`)."""
+    return scripting.script(module)
 
 
 def trace(module, inputs):

@@ -21,6 +21,8 @@ import types
 
 import detectron2
 
+from .scripting import modules_kept_alive
+
 __all__ = [
     "STANDIN_PACKAGE",
     "TracingAdapter",
@@ -93,8 +95,11 @@ def torchscript_patch() -> types.ModuleType:
 
 
 def scripting_with_instances(model, fields):
-    """Detectron2's :func:`detectron2.export.scripting_with_instances`."""
-    return export_module("torchscript").scripting_with_instances(model, fields)
+    """Detectron2's :func:`detectron2.export.scripting_with_instances`, with every submodule of
+    ``model`` kept alive meanwhile (:func:`fpn_plugin.deploy.scripting.modules_kept_alive`:
+    torch's ``__prepare_scriptable__`` pass is otherwise nondeterministic)."""
+    with modules_kept_alive(model):
+        return export_module("torchscript").scripting_with_instances(model, fields)
 
 
 def dump_torchscript_IR(model, folder):

@@ -15,6 +15,7 @@ from .fusion import (
     fuse_levels,
 )
 from .resize import INTERPOLATION_MODES, align_corners, resize_to
+from .scriptable import prepared_copy
 
 __all__ = [
     "conv3x3",
@@ -28,6 +29,7 @@ __all__ = [
     "canonical_fuse_type",
     "check_fuse_type",
     "fuse_levels",
+    "prepared_copy",
     "align_corners",
     "resize_to",
 ]

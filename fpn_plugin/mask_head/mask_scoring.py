@@ -22,7 +22,6 @@ ROI and class, the IoU of the predicted mask with the ground truth.
 Checkpoints of the plain head (the plugin's or Detectron2's ``MaskRCNNConvUpsampleHead``)
 load into this head with only ``maskiou_head.*`` missing (freshly initialised).
 """
-import copy
 import math
 from typing import List, Tuple
 
@@ -40,7 +39,7 @@ from detectron2.modeling.roi_heads.mask_head import (
 from detectron2.structures import Instances
 from torch import Tensor, nn
 
-from ..layers import conv3x3
+from ..layers import conv3x3, prepared_copy
 from ..utils.config import require_plugin_keys
 from ..utils.registry import register
 from .config import add_mask_head_config, head_args_from_config
@@ -297,11 +296,9 @@ class MaskScoringHead(BaseMaskRCNNHead):
 
     def __prepare_scriptable__(self):
         """A copy for ``torch.jit.script`` with the plain head's layers in one ModuleList
-        (the copy's state-dict keys change accordingly, as for the neck). Not a Sequential:
-        scripted as one, it failed once the BiFPN model had been scripted in the same process
-        (TorchScript typed the Sequential's ``forward`` input as a dict); the ModuleList loop
-        is unrolled for this model alone (tests/deploy/test_configs_deploy.py, any order)."""
-        ret = copy.deepcopy(self)
+        (the copy's state-dict keys change accordingly, as for the neck; it shares this
+        head's layers: :func:`fpn_plugin.layers.prepared_copy`)."""
+        ret = prepared_copy(self)
         layers = [getattr(ret, name) for name in self._fcn_names]
         for name in self._fcn_names:
             delattr(ret, name)

@@ -10,7 +10,6 @@ initialisation in the same random-number order, and the same forward computation
 Detectron2 FPN checkpoints load strictly and give identical pyramids. Variants only add
 parameters when enabled (``top_down_fusion.weight`` for weighted fusion).
 """
-import copy
 import math
 from typing import Dict, List, Optional, Tuple
 
@@ -21,7 +20,14 @@ from detectron2.layers import Conv2d, get_norm
 from detectron2.modeling.backbone import Backbone
 from torch import Tensor, nn
 
-from ..layers import INTERPOLATION_MODES, build_fusion, check_fuse_type, conv3x3, resize_to
+from ..layers import (
+    INTERPOLATION_MODES,
+    build_fusion,
+    check_fuse_type,
+    conv3x3,
+    prepared_copy,
+    resize_to,
+)
 from .top_blocks import resolve_top_block
 
 __all__ = ["CustomFPN", "NECK_FUSE_TYPES", "lateral_conv"]
@@ -315,7 +321,7 @@ class CustomFPN(Backbone):
         A copy for ``torch.jit.script`` with the per-level plain lists as ModuleLists, as
         Detectron2 does for its FPN (the copy's state-dict keys change accordingly).
         """
-        ret = copy.deepcopy(self)
+        ret = prepared_copy(self)
         for list_name, prefix in self._LEVEL_CONV_LISTS:
             setattr(ret, list_name, nn.ModuleList(getattr(ret, list_name)))
             for name in [n for n, _ in self.named_children() if n.startswith(prefix)]:
