@@ -332,10 +332,13 @@ class ImageOutputWriter:
             self._write_overlay(name, result.image, shown)
 
     def _write_overlay(self, name: str, image: np.ndarray, shown) -> None:
+        from detectron2.data.catalog import Metadata
         from detectron2.utils.visualizer import ColorMode, Visualizer
 
         rgb = d2_utils.convert_image_to_rgb(image, self.image_format)
-        drawn = Visualizer(rgb, self.metadata, instance_mode=ColorMode.IMAGE) \
+        # Never None: Visualizer would then register "__nonexist__" in the global catalog.
+        metadata = self.metadata if self.metadata is not None else Metadata(name="export")
+        drawn = Visualizer(rgb, metadata, instance_mode=ColorMode.IMAGE) \
             .draw_instance_predictions(shown).get_image()
         write_image(self._path("overlays", name + ".jpg"),
                     np.ascontiguousarray(drawn[:, :, ::-1]), durable=False)

@@ -360,3 +360,21 @@ def test_export_applies_the_fast_inference_config(coco_dataset, tiny_cfg, tiny_w
     assert results and all(math.isfinite(r["score"]) for r in results)
     assert len(results) == len(results32)
     assert sorted(r["score"] for r in results) != sorted(r["score"] for r in results32)
+
+
+def test_overlays_without_class_names_leave_the_metadata_catalog_alone(image_folder, tiny_cfg,
+                                                                      tiny_weights, tmp_path):
+    """No dataset names the classes: overlays are drawn with the model's class ids, and
+    Detectron2's Visualizer is never given ``None`` (it would register "__nonexist__")."""
+    from detectron2.data import MetadataCatalog
+
+    cfg = tiny_cfg.clone()
+    cfg.defrost()
+    cfg.DATASETS.TEST = ()
+    out = str(tmp_path / "out")
+    before = set(MetadataCatalog.keys())
+    summary = export_masks(cfg, tiny_weights, output_dir=out, image_dir=image_folder,
+                           overlays=True, score_threshold=0.0)
+    assert set(MetadataCatalog.keys()) == before
+    overlays = os.listdir(os.path.join(out, "overlays"))
+    assert summary["num_exported"] >= 1 and len(overlays) == summary["num_exported"]
