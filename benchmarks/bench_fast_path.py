@@ -5,7 +5,9 @@ Accuracy and speed of the fast inference path (MODEL.FAST_INFERENCE) on a traine
 One trained checkpoint, one held-out dataset, one pass over it per variant:
   fp32       the model as trained (MODEL.FAST_INFERENCE off): the reference (B)
   VARIANT    the same weights with enable_fast_inference(PRECISION, CHANNELS_LAST), for each
-             of --variants ("bf16+cl" = bf16 with channels_last, "fp32+cl", "bf16", ...)
+             of --variants ("bf16+cl" = bf16 with channels_last, "fp32+cl", "bf16", ...;
+             "auto" = what MODEL.FAST_INFERENCE.PRECISION "auto" picks on this machine, named
+             with its choice: bf16 where the CPU computes bf16 natively, else fp32 channels-last)
 Every pass is scored by Detectron2's COCOEvaluator (box and mask AP). Speed is the median
 latency of each variant against fp32 on a fixed subset of the images, measured in ABBA order
 (harness.compare), and peak tensor memory of one image.
@@ -36,6 +38,7 @@ from fpn_plugin.checkpoint import CheckpointError, SafeDetectionCheckpointer  # 
 from fpn_plugin.data.shapes import register_shapes_if_named  # noqa: E402
 from fpn_plugin.evaluation import build_coco_evaluator, check_dataset_registered  # noqa: E402
 from fpn_plugin.inference import enable_fast_inference  # noqa: E402
+from fpn_plugin.utils.precision import auto_inference_path  # noqa: E402
 from fpn_plugin.utils.cli import exit_on_errors, quiet_third_party_noise  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,10 +51,10 @@ def parse_args(argv=None):
     p.add_argument("--config-file", default=DEMO_CONFIG)
     p.add_argument("--weights", default=DEMO_WEIGHTS, help="trained checkpoint (.pth or .pkl)")
     p.add_argument("--dataset", default=None, help="registered dataset (default: DATASETS.TEST[0])")
-    p.add_argument("--variants", nargs="+", default=["bf16+cl", "bf16", "fp32+cl"],
+    p.add_argument("--variants", nargs="+", default=["auto", "bf16+cl", "bf16", "fp32+cl"],
                    type=parse_variant, metavar="PRECISION[+cl]",
-                   help="fast-path settings compared with fp32: bf16, fp16 (CUDA) or fp32, "
-                        "'+cl' for channels_last (default: bf16+cl bf16 fp32+cl)")
+                   help="fast-path settings compared with fp32: auto, bf16, fp16 (CUDA) or fp32, "
+                        "'+cl' for channels_last (default: auto bf16+cl bf16 fp32+cl)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--timing-images", type=int, default=8,
                    help="images timed per repeat (the first ones of the dataset)")
@@ -67,10 +70,11 @@ def parse_args(argv=None):
 def parse_variant(text):
     """'bf16+cl' -> ('bf16', True); 'fp32' alone is the reference, not a variant."""
     precision, _, layout = text.partition("+")
-    if precision not in ("bf16", "fp16", "fp32") or layout not in ("", "cl") or text == "fp32":
+    if precision not in ("auto", "bf16", "fp16", "fp32") or layout not in ("", "cl") \
+            or text == "fp32":
         raise argparse.ArgumentTypeError(
-            f"{text!r}: expected bf16, fp16 or fp32, optionally with '+cl' (fp32 alone is the "
-            "reference)")
+            f"{text!r}: expected auto, bf16, fp16 or fp32, optionally with '+cl' (fp32 alone is "
+            "the reference)")
     return precision, layout == "cl"
 
 
@@ -80,8 +84,13 @@ def _shown_path(path):
     return path if relative.startswith("..") else relative
 
 
-def variant_name(precision, channels_last):
-    return precision + (" + channels_last" if channels_last else "")
+def variant_name(precision, channels_last, device_type="cpu"):
+    """'bf16 + channels_last'; "auto" is named with what it picks here: 'auto (= bf16)'."""
+    name = precision + (" + channels_last" if channels_last else "")
+    if precision != "auto":
+        return name
+    picked, picked_cl = auto_inference_path(device_type)
+    return f"{name} (= {variant_name(picked, channels_last or picked_cl)})"
 
 
 def build_cfg(args):
@@ -129,7 +138,8 @@ def run(args, argv=None):
         model = build_model(cfg).eval()
         model.load_state_dict(model_fp32.state_dict())
         enable_fast_inference(model, precision, channels_last=channels_last)
-        variants.append((variant_name(precision, channels_last), model))
+        variants.append((variant_name(precision, channels_last, torch.device(args.device).type),
+                         model))
 
     with torch.no_grad():
         ap_fp32, loader = evaluate(model_fp32, cfg, dataset)
