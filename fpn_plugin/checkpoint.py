@@ -238,6 +238,7 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         self.strict = strict
         self._loading_path: Optional[str] = None
         self._query: Dict[str, bool] = {}
+        self._read_ahead: Optional[Tuple[str, dict]] = None
 
     def load(self, path, *args, **kwargs):
         """
@@ -263,9 +264,14 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
             path = local
         self._loading_path, self._query = path, query
         try:
+            if path:
+                # Read and check the file before Detectron2's loader starts: a refused file
+                # then raises before it changes any of its state (main's loader keeps the
+                # URL it is loading until it returns, and refuses to start another load).
+                self._read_ahead = (path, self._read_file(path))
             return super().load(path, *args, **kwargs)
         finally:
-            self._loading_path, self._query = None, {}
+            self._loading_path, self._query, self._read_ahead = None, {}, None
 
     def get_checkpoint_file(self) -> str:
         """
@@ -288,6 +294,12 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         return path
 
     def _load_file(self, filename):
+        if self._read_ahead is not None and self._read_ahead[0] == filename:
+            return self._read_ahead[1]
+        return self._read_file(filename)
+
+    def _read_file(self, filename: str) -> dict:
+        """The checkpoint dict of ``filename``, read safely (``load_checkpoint_file``)."""
         data = load_checkpoint_file(filename)
         if not isinstance(data, dict):
             raise CheckpointError(

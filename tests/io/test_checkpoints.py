@@ -45,3 +45,28 @@ def test_strict_loading_refuses_an_empty_model_unless_asked(tmp_path):
     with pytest.raises(CheckpointMismatchError, match=r"empty\.pth.*fc\.weight"):
         SafeDetectionCheckpointer(_Net(), strict=True).load(str(path))
     SafeDetectionCheckpointer(_Net(), strict=True).load(f"{path}?strict=False")
+
+
+def test_a_refused_file_raises_before_detectron2s_loader_starts(tmp_path, monkeypatch):
+    """Detectron2 main's loader keeps the URL it is loading until it returns and refuses to
+    start another load meanwhile; a file the safe reader refuses must therefore raise before
+    that loader runs, so the same checkpointer can load the next candidate (resume)."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    entered = []
+    original = DetectionCheckpointer.load
+
+    def spy(self, *args, **kwargs):
+        entered.append(args)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DetectionCheckpointer, "load", spy)
+    _save(tmp_path, "good", _Net(), 7)
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes((tmp_path / "good.pth").read_bytes()[:100])
+    ck = SafeDetectionCheckpointer(_Net(), str(tmp_path))
+    with pytest.raises(CheckpointError, match="bad.pth"):
+        ck.load(str(bad))
+    assert entered == []
+    assert ck.load(str(tmp_path / "good.pth"))["iteration"] == 7
+    assert len(entered) == 1
