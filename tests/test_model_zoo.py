@@ -68,6 +68,9 @@ def test_get_builds_a_fresh_model_and_says_there_are_no_weights():
 
 
 def test_detectron2_configs_read_as_its_model_zoo_reads_them():
+    # Detectron2's model_zoo imports pkg_resources, which setuptools >= 81 no longer ships
+    # (the reason the plugin finds these files itself); compare where it imports.
+    pytest.importorskip("pkg_resources", reason="Detectron2's model_zoo needs pkg_resources")
     from detectron2 import model_zoo as detectron2_zoo
 
     for name in ("common/models/mask_rcnn_fpn.py", "common/train.py",
@@ -76,6 +79,9 @@ def test_detectron2_configs_read_as_its_model_zoo_reads_them():
                                 detectron2_zoo.get_config_file(name))
         ours = OmegaConf.to_yaml(model_zoo.get_detectron2_config(name), resolve=False)
         assert ours == OmegaConf.to_yaml(detectron2_zoo.get_config(name), resolve=False)
+
+
+def test_detectron2_config_names_are_checked():
     with pytest.raises(FileNotFoundError, match="mask_rcnn_fpn.py"):
         model_zoo.get_detectron2_config_file("common/models/mask_rcnn_fpm.py")
     with pytest.raises(ValueError, match="LazyConfig"):
@@ -83,10 +89,8 @@ def test_detectron2_configs_read_as_its_model_zoo_reads_them():
 
 
 def _train_module():
-    try:
-        import fpn_plugin.train as train
-    except ImportError:
-        pytest.skip("fpn_plugin.train (issue 25) is not in this checkout yet")
+    import fpn_plugin.train as train
+
     return train
 
 

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 import yaml
-from detectron2 import model_zoo
+from fpn_plugin.model_zoo import get_detectron2_config
 from detectron2.config import LazyConfig, instantiate
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
@@ -117,7 +117,7 @@ def test_config_round_trips_builds_plugin_model_and_trains_one_step(rel_path, tm
 
 def _load_config_without_models(path):
     """(model-zoo config path) -> its config, norms/ShapeSpecs as plain data."""
-    cfg = model_zoo.get_config(path)
+    cfg = get_detectron2_config(path)
     plain_data(cfg.model)
     return cfg
 

@@ -2,7 +2,7 @@
 import logging
 
 import pytest
-from detectron2 import model_zoo
+from fpn_plugin.model_zoo import get_detectron2_config
 from detectron2.config import LazyCall as L
 from detectron2.config import instantiate
 from detectron2.layers import NaiveSyncBatchNorm, ShapeSpec
@@ -24,7 +24,7 @@ from fpn_plugin.rpn import PerLevelRPN, PerLevelRPNHead
 
 @pytest.fixture(scope="module")
 def d2_model():
-    return model_zoo.get_config("common/models/mask_rcnn_fpn.py").model
+    return get_detectron2_config("common/models/mask_rcnn_fpn.py").model
 
 
 def test_swaps_the_four_components_and_keeps_every_argument(d2_model):

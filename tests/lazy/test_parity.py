@@ -1,5 +1,6 @@
 """
-The LazyConfig twins against Detectron2's own LazyConfig models (``model_zoo.get_config``):
+The LazyConfig twins against Detectron2's own LazyConfig models (its model-zoo files, read
+without importing ``detectron2.model_zoo``, see tests/test_model_zoo.py):
 
 - full size (R50 and R101 new baselines, the common R50 model), instantiation only: the same
   module tree (names, but for the neck's parameter-free fusion rule; each module of the same
@@ -18,7 +19,7 @@ test nothing more than 96x128 px does, since every layer, level and head runs at
 """
 import pytest
 import torch
-from detectron2 import model_zoo
+from fpn_plugin.model_zoo import get_detectron2_config
 from detectron2.config import instantiate
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling.backbone.fpn import FPN
@@ -49,7 +50,7 @@ R50_LSJ = "new_baselines/mask_rcnn_R_50_custom_FPN_100ep_LSJ.py"
 def _twins(rel_path, **test_overrides):
     """(ours, Detectron2's) model, each built with torch seed 0."""
     models = []
-    for cfg in (load(rel_path), model_zoo.get_config(ZOO_TWINS[rel_path])):
+    for cfg in (load(rel_path), get_detectron2_config(ZOO_TWINS[rel_path])):
         for key, value in test_overrides.items():
             setattr(cfg.model.roi_heads.box_predictor, key, value)
         torch.manual_seed(0)
@@ -147,7 +148,7 @@ def test_same_weights_give_identical_losses_and_detections(r50_lsj_pair):
 def test_checkpoint_of_one_loads_strictly_into_the_other(r50_lsj_pair, tmp_path, direction):
     ours, theirs = r50_lsj_pair
     source, target_cfg = (theirs, load(R50_LSJ)) if direction == "detectron2_into_ours" else (
-        ours, model_zoo.get_config(ZOO_TWINS[R50_LSJ]))
+        ours, get_detectron2_config(ZOO_TWINS[R50_LSJ]))
     path = tmp_path / "model.pth"
     torch.save({"model": source.state_dict()}, path)
     target = instantiate(target_cfg.model)
