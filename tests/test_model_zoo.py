@@ -68,10 +68,15 @@ def test_get_builds_a_fresh_model_and_says_there_are_no_weights():
 
 
 def test_detectron2_configs_read_as_its_model_zoo_reads_them():
-    # Detectron2's model_zoo imports pkg_resources, which setuptools >= 81 no longer ships
-    # (the reason the plugin finds these files itself); compare where it imports.
-    pytest.importorskip("pkg_resources", reason="Detectron2's model_zoo needs pkg_resources")
-    from detectron2 import model_zoo as detectron2_zoo
+    # Main's model_zoo imports pkg_resources, which setuptools >= 81 no longer ships (the
+    # reason the plugin finds these files itself; the project's v0.6 wheel does without it):
+    # compare wherever it imports.
+    try:
+        from detectron2 import model_zoo as detectron2_zoo
+    except ModuleNotFoundError as e:
+        if e.name != "pkg_resources":
+            raise
+        pytest.skip("this Detectron2's model_zoo needs pkg_resources, which is not installed")
 
     for name in ("common/models/mask_rcnn_fpn.py", "common/train.py",
                  "new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py"):
