@@ -55,8 +55,12 @@ def test_ctrl_c_during_training_exits_130_with_one_line(tmp_path):
     """Ctrl-C (SIGINT) while training: exit status 130, one `interrupted:` line, no traceback;
     the checkpoints written so far stay (issue 24)."""
     out = tmp_path / "out"
+    # A suite started in the background by a shell without job control (`make test &`)
+    # inherits SIGINT as ignored, and so would the training process: give it the default
+    # disposition, as a terminal's Ctrl-C finds it.
     proc = subprocess.Popen(_train_cmd(tmp_path, max_iter=100000), cwd=ROOT, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         while proc.poll() is None and _last_checkpoint_iter(out) is None:
             time.sleep(0.2)
