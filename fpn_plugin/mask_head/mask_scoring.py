@@ -181,36 +181,31 @@ class MaskScoringHead(BaseMaskRCNNHead):
         input_shape: ShapeSpec,
         *,
         num_classes: int,
-        conv_dims: List[int],
-        conv_norm: str = "",
-        upsample_mode: str = "deconv",
-        loss_weight: float = 1.0,
-        vis_period: int = 0,
         maskiou_num_conv: int = 4,
         maskiou_conv_dim: int = 256,
         maskiou_num_fc: int = 2,
         maskiou_fc_dim: int = 1024,
         maskiou_loss_weight: float = 1.0,
+        **fcn_kwargs,
     ):
         """
         Args:
-            input_shape, num_classes, conv_dims, conv_norm, upsample_mode, loss_weight,
-                vis_period: as :class:`ConvUpsampleMaskHead` (checked by it).
+            input_shape, num_classes: as :class:`ConvUpsampleMaskHead` (checked by it).
             maskiou_num_conv (int): the MaskIoU branch's 3x3 convs, >= 1
                 (MODEL.ROI_MASK_HEAD.MASK_SCORING.NUM_CONV), each ``maskiou_conv_dim``
                 channels (CONV_DIM).
             maskiou_num_fc (int): its fc layers, >= 0 (NUM_FC), each ``maskiou_fc_dim`` wide
                 (FC_DIM).
             maskiou_loss_weight (float): multiplier of ``loss_maskiou``, >= 0 (LOSS_WEIGHT).
+            fcn_kwargs: the plain head's other arguments (``conv_dims``, ``conv_norm``,
+                ``upsample_mode``, ``loss_weight``, ``vis_period``), as
+                :class:`ConvUpsampleMaskHead`.
 
         Raises:
             ValueError: on an invalid argument, naming the config key that sets it.
         """
-        super().__init__(loss_weight=loss_weight, vis_period=vis_period)
-        fcn = ConvUpsampleMaskHead(
-            input_shape, num_classes=num_classes, conv_dims=conv_dims, conv_norm=conv_norm,
-            upsample_mode=upsample_mode, loss_weight=loss_weight, vis_period=vis_period,
-        )
+        fcn = ConvUpsampleMaskHead(input_shape, num_classes=num_classes, **fcn_kwargs)
+        super().__init__(loss_weight=fcn.loss_weight, vis_period=fcn.vis_period)
         _check_maskiou_args(
             maskiou_num_conv, maskiou_conv_dim, maskiou_num_fc, maskiou_fc_dim, maskiou_loss_weight
         )

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ..layers import build_fusion, resize_to
 from .build import register_neck_variant
-from .fpn import CustomFPN, lateral_conv
+from .fpn import CustomFPN, PathwaySpec, lateral_conv
 
 __all__ = ["BiFPN", "BiFPNCell", "SeparableConv3x3"]
 
@@ -181,53 +181,35 @@ class BiFPN(CustomFPN):
     """
 
     @configurable
-    def __init__(
-        self,
-        bottom_up,
-        in_features: List[str],
-        out_channels: int,
-        norm="",
-        top_block=None,
-        fuse_type: str = "weighted",
-        upsample_mode: str = "nearest",
-        weighted_fusion_eps: float = 1e-4,
-        square_pad: int = 0,
-        num_cells: int = 3,
-    ):
+    def __init__(self, *, num_cells: int = 3, fuse_type: str = "weighted", **kwargs):
         """
         Args:
-            bottom_up, in_features, out_channels, norm, top_block, fuse_type, upsample_mode,
-                weighted_fusion_eps, square_pad: as :class:`CustomFPN` (``norm`` also
-                normalises the cells' node convs, ``fuse_type`` fuses their nodes).
             num_cells (int): BiFPN cells stacked after the lateral convs, >= 0 (EfficientDet
                 D0-D7 use 3-8).
+            fuse_type (str): as :class:`CustomFPN`'s (default "weighted", the paper's); it
+                fuses the cells' nodes.
+            kwargs: the other arguments of :class:`CustomFPN` (``bottom_up``,
+                ``in_features``, ``out_channels``, ``norm``, ...); ``norm`` also normalises
+                the cells' node convs.
 
         Raises:
             ValueError: an invalid argument, naming its config key (``MODEL.FPN.*``).
         """
         if isinstance(num_cells, bool) or not isinstance(num_cells, int) or num_cells < 0:
             raise ValueError(f"MODEL.FPN.BIFPN.NUM_CELLS={num_cells!r} must be an int >= 0")
+        in_features = list(kwargs.get("in_features", ()))
         if num_cells > 0 and len(in_features) < 2:
             raise ValueError(
                 f"MODEL.FPN.BIFPN.NUM_CELLS={num_cells} needs at least 2 input levels, but "
-                f"MODEL.FPN.IN_FEATURES={list(in_features)!r}"
+                f"MODEL.FPN.IN_FEATURES={in_features!r}"
             )
-        super().__init__(
-            bottom_up=bottom_up,
-            in_features=in_features,
-            out_channels=out_channels,
-            norm=norm,
-            top_block=top_block,
-            fuse_type=fuse_type,
-            upsample_mode=upsample_mode,
-            weighted_fusion_eps=weighted_fusion_eps,
-            square_pad=square_pad,
-        )
+        super().__init__(fuse_type=fuse_type, **kwargs)
+        spec = self._pathway_spec
         self.cells = nn.ModuleList(
             [
                 BiFPNCell(
-                    len(self.in_features), out_channels, norm, fuse_type, upsample_mode,
-                    weighted_fusion_eps,
+                    len(spec.stages), spec.out_channels, spec.norm, spec.fuse_type,
+                    spec.upsample_mode, spec.eps,
                 )
                 for _ in range(num_cells)
             ]
@@ -240,21 +222,14 @@ class BiFPN(CustomFPN):
         return args
 
     def _make_top_down(
-        self,
-        stages: List[int],
-        in_channels: List[int],
-        out_channels: int,
-        norm,
-        fuse_type: str,
-        eps: float,
+        self, spec: PathwaySpec
     ) -> Tuple[List[nn.Module], List[nn.Module], Optional[nn.Module]]:
         # Only the lateral convs: the cells hold the top-down merges and the node convs.
-        laterals: List[nn.Module] = []
-        for level, stage in enumerate(stages):
-            conv = lateral_conv(in_channels[level], out_channels, norm)
-            weight_init.c2_xavier_fill(conv)
-            self.add_module(f"fpn_lateral{stage}", conv)
-            laterals.append(conv)
+        (laterals,) = self._add_level_convs(
+            spec.stages,
+            lambda level: (lateral_conv(spec.in_channels[level], spec.out_channels, spec.norm),),
+            ("fpn_lateral",),
+        )
         return laterals, [], None
 
     def _top_down(self, bottom_up_features: Dict[str, Tensor]) -> List[Tensor]:

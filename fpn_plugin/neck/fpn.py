@@ -11,7 +11,7 @@ Detectron2 FPN checkpoints load strictly and give identical pyramids. Variants o
 parameters when enabled (``top_down_fusion.weight`` for weighted fusion).
 """
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import fvcore.nn.weight_init as weight_init
 import torch
@@ -34,6 +34,19 @@ __all__ = ["CustomFPN", "NECK_FUSE_TYPES", "lateral_conv"]
 
 # The fusion words (fpn_plugin.layers.FUSE_TYPES) the neck implements; "mean" = "avg".
 NECK_FUSE_TYPES = ("sum", "avg", "weighted")
+
+
+class PathwaySpec(NamedTuple):
+    """What a neck's pathway modules are built from (``CustomFPN._make_top_down`` and
+    ``_make_extra_pathways``, the hooks a neck variant overrides)."""
+
+    stages: List[int]  # stage of each input level, high to low resolution
+    in_channels: List[int]  # channels of each input level
+    out_channels: int  # the neck's
+    norm: Any  # the neck's (a get_norm name or callable)
+    fuse_type: str  # the neck's fusion word (canonical)
+    eps: float  # epsilon of "weighted" fusion
+    upsample_mode: str  # the neck's top-down upsampling
 
 
 class CustomFPN(Backbone):
@@ -112,9 +125,10 @@ class CustomFPN(Backbone):
             top_block, in_features, input_shapes, level_names, out_channels
         )
 
-        lateral_convs, output_convs, top_down_fusion = self._make_top_down(
-            stages, in_channels, out_channels, norm, fuse_type, weighted_fusion_eps
+        spec = PathwaySpec(
+            stages, in_channels, out_channels, norm, fuse_type, weighted_fusion_eps, upsample_mode
         )
+        lateral_convs, output_convs, top_down_fusion = self._make_top_down(spec)
         # Top-down order (low to high resolution).
         self.lateral_convs = lateral_convs[::-1]
         self.output_convs = output_convs[::-1]
@@ -122,7 +136,10 @@ class CustomFPN(Backbone):
         self.in_features = tuple(in_features)
         self.bottom_up = bottom_up
         self.top_down_fusion = top_down_fusion
-        self._make_extra_pathways(stages, out_channels, norm, fuse_type, weighted_fusion_eps)
+        self._make_extra_pathways(spec)
+        # What a subclass builds its own modules from after this constructor (BiFPN's cells);
+        # never read by forward, so TorchScript and tracing leave it alone.
+        self._pathway_spec = spec
 
         self._record_output_shapes(level_names, strides, stages, out_channels)
         self._square_pad = square_pad
@@ -226,37 +243,31 @@ class CustomFPN(Backbone):
         # divisible by the coarsest input stride make all of them line up exactly.
         self._size_divisibility = strides[-1]
 
-    def _add_level_conv_pairs(
-        self, stages: List[int], make_pair, prefixes: Tuple[str, str]
-    ) -> Tuple[List[nn.Module], List[nn.Module]]:
+    def _add_level_convs(
+        self, stages: List[int], make_convs, prefixes: Tuple[str, ...]
+    ) -> Tuple[List[nn.Module], ...]:
         """
-        Per level, the two convs ``make_pair(level index)`` creates, Xavier-initialised after
-        both exist and registered as ``{prefix}{stage}`` (Detectron2's FPN order and names).
+        Per level, the convs ``make_convs(level index)`` creates (one per prefix),
+        Xavier-initialised after all of them exist and registered as ``{prefix}{stage}``
+        (Detectron2's FPN order and names).
 
         Returns:
-            The two lists of convs, high to low resolution: plain lists, not ModuleLists, so
-            the state-dict keys stay ``{prefix}{stage}.*`` (``__prepare_scriptable__`` turns
-            them into ModuleLists for TorchScript).
+            One list of convs per prefix, high to low resolution: plain lists, not
+            ModuleLists, so the state-dict keys stay ``{prefix}{stage}.*``
+            (``__prepare_scriptable__`` turns them into ModuleLists for TorchScript).
         """
-        firsts, seconds = [], []
+        lists: Tuple[List[nn.Module], ...] = tuple([] for _ in prefixes)
         for level, stage in enumerate(stages):
-            first, second = make_pair(level)
-            weight_init.c2_xavier_fill(first)
-            weight_init.c2_xavier_fill(second)
-            self.add_module(f"{prefixes[0]}{stage}", first)
-            self.add_module(f"{prefixes[1]}{stage}", second)
-            firsts.append(first)
-            seconds.append(second)
-        return firsts, seconds
+            convs = make_convs(level)
+            for conv in convs:
+                weight_init.c2_xavier_fill(conv)
+            for prefix, conv, convs_of_prefix in zip(prefixes, convs, lists):
+                self.add_module(f"{prefix}{stage}", conv)
+                convs_of_prefix.append(conv)
+        return lists
 
     def _make_top_down(
-        self,
-        stages: List[int],
-        in_channels: List[int],
-        out_channels: int,
-        norm,
-        fuse_type: str,
-        eps: float,
+        self, spec: PathwaySpec
     ) -> Tuple[List[nn.Module], List[nn.Module], Optional[nn.Module]]:
         """
         Create the top-down pathway's modules (a subclass whose pathways replace it, e.g.
@@ -264,11 +275,7 @@ class CustomFPN(Backbone):
         by ``__init__``, after the bottom-up backbone (Detectron2's parameter order).
 
         Args:
-            stages (list[int]): stage of each input level, high to low resolution.
-            in_channels (list[int]): channels of each input level.
-            out_channels (int), norm: the neck's.
-            fuse_type (str): the neck's fusion word (canonical).
-            eps (float): epsilon of "weighted" fusion.
+            spec (PathwaySpec): the levels and the neck's options.
 
         Returns:
             The lateral convs and the output convs (plain lists, high to low resolution), and
@@ -276,32 +283,29 @@ class CustomFPN(Backbone):
         """
         # Lateral/output convs exactly as Detectron2's FPN: names, bias rule, init, and the
         # creation order (the random-number order of a fresh build).
-        lateral_convs, output_convs = self._add_level_conv_pairs(
-            stages,
+        lateral_convs, output_convs = self._add_level_convs(
+            spec.stages,
             lambda level: (
-                lateral_conv(in_channels[level], out_channels, norm),
-                conv3x3(out_channels, out_channels, norm),
+                lateral_conv(spec.in_channels[level], spec.out_channels, spec.norm),
+                conv3x3(spec.out_channels, spec.out_channels, spec.norm),
             ),
             ("fpn_lateral", "fpn_output"),
         )
         # One fusion node per merge; None where there is nothing to merge, which TorchScript
         # prunes (an unused weighted fusion would hold parameters that never get gradients).
-        fusion = build_fusion(fuse_type, len(stages) - 1, 2, eps) if len(stages) > 1 else None
+        num_merges = len(spec.stages) - 1
+        fusion = build_fusion(spec.fuse_type, num_merges, 2, spec.eps) if num_merges else None
         return lateral_convs, output_convs, fusion
 
-    def _make_extra_pathways(
-        self, stages: List[int], out_channels: int, norm, fuse_type: str, eps: float
-    ) -> None:
+    def _make_extra_pathways(self, spec: PathwaySpec) -> None:
         """
         Create the modules of the pathways after the top-down one (a subclass's hook; none
         here). Called by ``__init__`` once the top-down modules exist, so their random draws
         come first.
 
         Args:
-            stages (list[int]): stage of each input level, high to low resolution.
-            out_channels (int), norm: the neck's.
-            fuse_type (str): the neck's fusion word (canonical), for the pathway's merges.
-            eps (float): epsilon of "weighted" fusion.
+            spec (PathwaySpec): the levels and the neck's options (``fuse_type`` for the
+                pathway's merges).
         """
 
     def _extra_pathways(self, levels: List[Tensor]) -> List[Tensor]:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..layers import build_fusion, conv3x3
 from .build import register_neck_variant
-from .fpn import CustomFPN
+from .fpn import CustomFPN, PathwaySpec
 
 __all__ = ["PAFPN"]
 
@@ -32,18 +32,20 @@ class PAFPN(CustomFPN):
         ("pan_output_convs", "pan_output"),
     )
 
-    def _make_extra_pathways(self, stages, out_channels, norm, fuse_type, eps):
+    def _make_extra_pathways(self, spec: PathwaySpec) -> None:
         # High to low resolution (the bottom-up direction), from the second input level on.
-        self.pan_downsample_convs, self.pan_output_convs = self._add_level_conv_pairs(
-            stages[1:],
+        channels, norm = spec.out_channels, spec.norm
+        self.pan_downsample_convs, self.pan_output_convs = self._add_level_convs(
+            spec.stages[1:],
             lambda level: (
-                conv3x3(out_channels, out_channels, norm, stride=2),
-                conv3x3(out_channels, out_channels, norm),
+                conv3x3(channels, channels, norm, stride=2),
+                conv3x3(channels, channels, norm),
             ),
             ("pan_downsample", "pan_output"),
         )
+        num_merges = len(spec.stages) - 1
         self.pan_fusion = (
-            build_fusion(fuse_type, len(stages) - 1, 2, eps) if len(stages) > 1 else None
+            build_fusion(spec.fuse_type, num_merges, 2, spec.eps) if num_merges else None
         )
 
     def _extra_pathways(self, levels: List[Tensor]) -> List[Tensor]:
