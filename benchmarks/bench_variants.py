@@ -465,7 +465,11 @@ def execute(specs: Sequence[RunSpec], settings: Settings, runs_dir: str,
     """
     Run every spec without a finished file (``run_fn(spec, progress)`` returns its record),
     each under the CPU lock, writing its file when done; returns all records, in spec order.
+    Each record carries its provenance: the commit and tree state the process loaded its code
+    from (taken here, before any run, so later edits to the tree do not blur it), the machine
+    and CPU flags, and when the run finished.
     """
+    loaded_from = harness.provenance()
     results, todo = {}, []
     for spec in specs:
         done = load_run(run_path(runs_dir, spec), settings, spec)
@@ -483,6 +487,8 @@ def execute(specs: Sequence[RunSpec], settings: Settings, runs_dir: str,
             record = run_fn(spec, f"[{i + 1}/{len(todo)}] ")
             record["run_seconds"] = round(time.perf_counter() - start, 1)
             record["lock_wait_seconds"] = round(waited, 1)
+            record["provenance"] = dict(loaded_from, measured_at=time.strftime(
+                "%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         write_json_atomic(run_path(runs_dir, spec), record)
         results[spec] = record
         own_seconds.append(record["run_seconds"])
@@ -493,6 +499,21 @@ def execute(specs: Sequence[RunSpec], settings: Settings, runs_dir: str,
               f"{record['run_seconds']:.0f} s (waited {waited:.0f} s for the lock); "
               f"ETA {eta / 60:.0f} min of runs", flush=True)
     return [results[s] for s in specs]
+
+
+def runs_provenance(results: Sequence[dict]) -> str:
+    """One line: the days, commits and machines the runs were measured on (from each run's
+    own provenance; runs recorded before runs carried one are counted as such)."""
+    known = [r["provenance"] for r in results if r.get("provenance")]
+    days = sorted({p["measured_at"][:10] for p in known})
+    commits = sorted({(p.get("commit") or "?")[:10] + (" (dirty tree)" if p.get("dirty") else "")
+                      for p in known})
+    hosts = sorted({f"{p.get('hostname', '?')} ({p.get('cpu_flags', '?')})" for p in known})
+    unknown = len(results) - len(known)
+    return (f"Runs measured on {', '.join(days) or '-'}; commits {', '.join(commits) or '-'}; "
+            f"machines {', '.join(hosts) or '-'}"
+            + (f"; {unknown} runs without provenance (recorded before runs carried one)."
+               if unknown else "."))
 
 
 def format_markdown(summary: Dict[str, object], results: Sequence[dict], settings: Settings,
@@ -512,6 +533,8 @@ def format_markdown(summary: Dict[str, object], results: Sequence[dict], setting
         f"{settings.precision}; {len(results)} runs, "
         f"{cpu_seconds / 60:.0f} min under the CPU lock in all. "
         f"Plugin best = {' + '.join(best) if best else '(not run)'}.",
+        "",
+        runs_provenance(results),
     ]
     for split, part in summary.items():
         rows = part["rows"]
@@ -619,7 +642,8 @@ def write_outputs(summary, results, settings, best, command, write_results: bool
                "cpu_seconds": round(sum(r.get("run_seconds", 0.0) for r in results), 1),
                "runs": [{k: r[k] for k in ("split", "config", "seed", "variants", "metrics",
                                            "train_seconds", "eval_seconds", "run_seconds",
-                                           "data_fingerprint") if k in r} for r in results]}
+                                           "data_fingerprint", "provenance") if k in r}
+                        for r in results]}
     markdown = render(payload)
     write_json_atomic(os.path.join(folder, f"{NAME}.json"), payload)
     with open(os.path.join(folder, f"{NAME}.md"), "w") as f:

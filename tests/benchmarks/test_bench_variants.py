@@ -4,6 +4,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -143,6 +144,14 @@ def test_resume_skips_finished_runs_and_reruns_stale_ones(bv, tmp_path):
                      "shapes/parity/seed1", "shapes/neck_gn/seed1"]
     assert [r["seed"] for r in first] == [0, 0, 1, 1]
     assert all("run_seconds" in r for r in first)
+    # Each run file says where it was measured: commit and tree state loaded, machine, time.
+    for record in first:
+        prov = record["provenance"]
+        assert set(prov) >= {"commit", "dirty", "hostname", "cpu_flags", "measured_at"}
+        assert prov["measured_at"].startswith(time.strftime("%Y-"))
+    line = bv.runs_provenance(first + [{"seed": 9}])
+    assert first[0]["provenance"]["measured_at"][:10] in line
+    assert "1 runs without provenance" in line
     calls.clear()
     again = bv.execute(specs, settings, runs, fake_run, lock="")
     assert calls == [] and again == first  # everything read back, nothing trained
