@@ -1,23 +1,29 @@
 #!/usr/bin/env python
 """
-The CPU demo trained in fp32 and with the fast training path, end to end: held-out AP and time.
+The CPU demo end to end, held-out AP and time: trained in fp32 and with the fast training path,
+and the demo's recipe against the one it replaced (the recipe before 2026-12-07), both in fp32.
 
 Each `run` trains the whole demo (`projects/fpn_mask_rcnn/demo.py --fresh`: train, evaluate,
 export) in a fresh process with one seed and one variant, and records its box/mask AP, its
 end-to-end time and its median training time per iteration:
 
-  fp32  SOLVER.AMP.ENABLED False SOLVER.CHANNELS_LAST False   (Detectron2's fp32 training)
-  fast  SOLVER.AMP.ENABLED True SOLVER.AMP.PRECISION bf16 SOLVER.CHANNELS_LAST True
+  fp32         SOLVER.AMP.ENABLED False SOLVER.CHANNELS_LAST False   (Detectron2's fp32 training)
+  fast         SOLVER.AMP.ENABLED True SOLVER.AMP.PRECISION bf16 SOLVER.CHANNELS_LAST True
+  before_fp32  fp32, with the previous recipe's keys (BEFORE_RECIPE: 256 px, batch 4, 1000
+               iterations, 64 ROIs per image, RPN on p2-p6, evaluation every 250 iterations)
 
 Every other key is the demo config's, evaluation included (MODEL.FAST_INFERENCE as configured,
 so both variants evaluate alike). A run takes 10-20 minutes on 2 cores: run one per command
 (under `cpulock` on a shared machine); each writes output/bench_demo_precision/<variant>_seed<S>.json.
-`report` then compares the variants over the seeds found (means, per-seed values, the
-AP difference paired by seed and the end-to-end time ratio), and with --write-results writes
-benchmarks/results/bench_demo_precision.{json,md} and README's block.
+`report` then compares fast with fp32 over the seeds found (means, per-seed values, the AP
+difference paired by seed and the end-to-end time ratio), and the recipe with the one before it
+(fp32 runs against before_fp32: end-to-end ratio <= 1/3 and mask AP >= 70 on every seed is the
+goal of issue 27), and with --write-results writes
+benchmarks/results/bench_demo_precision.{json,md} and the docs' blocks.
 
   .venv/bin/python benchmarks/bench_demo_precision.py run --variant fp32 --seed 0
   .venv/bin/python benchmarks/bench_demo_precision.py run --variant fast --seed 0
+  .venv/bin/python benchmarks/bench_demo_precision.py run --variant before_fp32 --seed 0
   .venv/bin/python benchmarks/bench_demo_precision.py report [--write-results]
 """
 import argparse
@@ -30,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import List
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
@@ -38,14 +45,33 @@ ROOT = harness.ROOT
 DEMO = os.path.join(ROOT, "projects", "fpn_mask_rcnn", "demo.py")
 RUNS_DIR = os.path.join(harness.OUTPUT_DIR, "bench_demo_precision")
 NAME = "bench_demo_precision"
+# The demo's recipe until 2026-12-07 (configs/Demo at dc04b3c), as overrides of today's keys:
+# 256 px images in batches of 4 for 1000 iterations, 64 sampled ROIs per image, the RPN on
+# p2-p6, evaluation every 250 iterations on 256 px images.
+BEFORE_RECIPE = [
+    "INPUT.MIN_SIZE_TRAIN", "(256,)", "INPUT.MAX_SIZE_TRAIN", "256",
+    "INPUT.MIN_SIZE_TEST", "256", "INPUT.MAX_SIZE_TEST", "256",
+    "DATASETS.SHAPES.NUM_TRAIN", "400",
+    "MODEL.RPN.IN_FEATURES", "['p2', 'p3', 'p4', 'p5', 'p6']",
+    "MODEL.ANCHOR_GENERATOR.SIZES", "[[16], [32], [64], [128], [256]]",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "64", "MODEL.ROI_HEADS.POSITIVE_FRACTION", "0.25",
+    "SOLVER.IMS_PER_BATCH", "4", "SOLVER.WARMUP_ITERS", "100", "SOLVER.STEPS", "(750, 900)",
+    "SOLVER.MAX_ITER", "1000", "SOLVER.CHECKPOINT_PERIOD", "500", "TEST.EVAL_PERIOD", "250",
+]
+FP32 = ["SOLVER.AMP.ENABLED", "False", "SOLVER.CHANNELS_LAST", "False"]
 VARIANTS = {
-    "fp32": ["SOLVER.AMP.ENABLED", "False", "SOLVER.CHANNELS_LAST", "False"],
+    "fp32": FP32,
     "fast": ["SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.PRECISION", "bf16",
              "SOLVER.CHANNELS_LAST", "True"],
+    "before_fp32": FP32 + BEFORE_RECIPE,
 }
 # The issue's acceptance criteria for making the fast path the demo's default.
 MAX_MASK_AP_DROP = 1.0
 MIN_END_TO_END_SPEEDUP = 1.4
+# Issue 27's goal for the recipe: at most a third of the previous recipe's end-to-end time in
+# fp32, held-out mask AP >= 70 on every seed.
+MAX_RECIPE_TIME_RATIO = 1 / 3
+MIN_RECIPE_MASK_AP = 70.0
 
 
 def parse_args(argv=None):
@@ -113,7 +139,7 @@ def run(args) -> dict:
     overrides = VARIANTS[args.variant] + ["SEED", str(args.seed)] + list(args.opts)
     out = os.path.join(RUNS_DIR, f"{args.variant}_seed{args.seed}")
     os.makedirs(RUNS_DIR, exist_ok=True)
-    ensure_dataset(list(args.opts))
+    ensure_dataset(overrides)  # the variant's dataset keys (the recipe before: 400 images)
     command = [sys.executable, DEMO, "--fresh", "--output-dir", out] + overrides
     print(f"[bench] {args.variant}, seed {args.seed}: {' '.join(command)}", flush=True)
     load_before = os.getloadavg()
@@ -224,14 +250,83 @@ def compare(runs) -> dict:
     return result
 
 
-def markdown(runs, result) -> str:
+def compare_recipes(runs):
+    """Today's recipe in fp32 (the ``fp32`` runs, every seed) against the one before it
+    (``before_fp32``): end-to-end time ratio of the means (the larger of the measured and the
+    contention-corrected ratio counts), mask AP per seed, and issue 27's criteria. None when
+    either side has no run."""
+    now, before = runs.get("fp32", {}), runs.get("before_fp32", {})
+    if not now or not before:
+        return None
+
+    def seconds(side, corrected):
+        return statistics.mean(r["end_to_end_seconds"]
+                               - (contention_seconds(r) if corrected else 0)
+                               for r in side.values())
+
+    ratios = [seconds(now, c) / seconds(before, c) for c in (False, True)]
+    mask = [now[s]["mask_AP"] for s in sorted(now)]
+    result = {
+        "seeds": sorted(now),
+        "before_seeds": sorted(before),
+        "end_to_end_seconds": {"before": seconds(before, False), "now": seconds(now, False)},
+        "end_to_end_seconds_uncontended": {"before": seconds(before, True),
+                                           "now": seconds(now, True)},
+        "time_ratio": ratios[0],
+        "time_ratio_uncontended": ratios[1],
+        "train_seconds_per_iter": {
+            side: statistics.mean(r["train_seconds_per_iter"] for r in runs_.values())
+            for side, runs_ in (("before", before), ("now", now))},
+        "mask_AP_per_seed": mask,
+        "box_AP_per_seed": [now[s]["box_AP"] for s in sorted(now)],
+        "mask_AP_mean": statistics.mean(mask),
+        "mask_AP_stdev": statistics.stdev(mask) if len(mask) > 1 else float("nan"),
+        "mask_AP_before": statistics.mean(r["mask_AP"] for r in before.values()),
+    }
+    result["criteria"] = {
+        "time_ratio_at_most": MAX_RECIPE_TIME_RATIO,
+        "mask_AP_at_least": MIN_RECIPE_MASK_AP,
+        "seeds_at_least": 3,
+        "met": bool(max(ratios) <= MAX_RECIPE_TIME_RATIO and len(mask) >= 3
+                    and min(mask) >= MIN_RECIPE_MASK_AP),
+    }
+    return result
+
+
+def recipe_markdown(recipes) -> List[str]:
+    if recipes is None:
+        return ["Recipe comparison: no `before_fp32` run recorded (run it with "
+                "`run --variant before_fp32 --seed 0`)."]
+    seconds, uncontended = recipes["end_to_end_seconds"], recipes["end_to_end_seconds_uncontended"]
+    per_seed = ", ".join(f"{m:.2f}" for m in recipes["mask_AP_per_seed"])
+    box = ", ".join(f"{b:.2f}" for b in recipes["box_AP_per_seed"])
+    met = recipes["criteria"]["met"]
+    return [
+        f"**The recipe against the one before it, both in fp32**: end to end "
+        f"{seconds['now']:.0f} s (mean of seeds {recipes['seeds']}) against "
+        f"{seconds['before']:.0f} s "
+        f"(seeds {recipes['before_seeds']}): **ratio {recipes['time_ratio']:.3f}** "
+        f"({recipes['time_ratio_uncontended']:.3f} with the time lost to other jobs taken out: "
+        f"{uncontended['now']:.0f} s vs {uncontended['before']:.0f} s); training "
+        f"{recipes['train_seconds_per_iter']['now']:.3f} s/iter against "
+        f"{recipes['train_seconds_per_iter']['before']:.3f}. Held-out mask AP per seed {per_seed} "
+        f"(mean {recipes['mask_AP_mean']:.2f}, standard deviation {recipes['mask_AP_stdev']:.2f}; "
+        f"the recipe before: {recipes['mask_AP_before']:.2f}); box AP {box}.",
+        "",
+        f"Criteria (issue 27: end to end at most {recipes['criteria']['time_ratio_at_most']:.3f} of "
+        f"the recipe before by both ratios, mask AP >= {MIN_RECIPE_MASK_AP:.0f} on each of at "
+        f"least 3 seeds): **{'met' if met else 'NOT met'}**.",
+    ]
+
+
+def markdown(runs, result, recipes=None) -> str:
     seeds = result["seeds"]
     lines = [
         "| variant | seed | mask AP | box AP | end to end | training s/iter (median / mean) |",
         "|---|---|---|---|---|---|",
     ]
-    for variant in ("fp32", "fast"):
-        for s in seeds:
+    for variant in ("fp32", "fast", "before_fp32"):
+        for s in sorted(runs.get(variant, {})):
             r = runs[variant][s]
             lines.append(f"| {variant} | {s} | {r['mask_AP']:.2f} | {r['box_AP']:.2f} | "
                          f"{r['end_to_end_seconds']:.0f} s | {r['train_seconds_per_iter']:.3f} / "
@@ -257,11 +352,14 @@ def markdown(runs, result) -> str:
         f"{MIN_END_TO_END_SPEEDUP}x shorter by both ratios): "
         f"**{'met' if result['criteria']['met'] else 'NOT met'}**.",
         "",
+        *recipe_markdown(recipes),
+        "",
         "`fast` = `SOLVER.AMP.ENABLED True SOLVER.AMP.PRECISION bf16 SOLVER.CHANNELS_LAST True`; "
-        "`fp32` = both off. End to end = the demo's `total_seconds` (train + 4 evaluations + "
-        "export; the dataset already generated); training s/iter: median of Detectron2's "
-        "per-iteration `time` after iteration 20 / Detectron2's overall mean; time lost to other "
-        "jobs = iterations x (mean - median).",
+        "`fp32` = both off; `before_fp32` = fp32 with the recipe before 2026-12-07 "
+        "(`BEFORE_RECIPE` in the script). End to end = the demo's `total_seconds` (train, its "
+        "evaluations and the export; the dataset already generated); training s/iter: median of "
+        "Detectron2's per-iteration `time` after iteration 20 / Detectron2's overall mean; time "
+        "lost to other jobs = iterations x (mean - median).",
     ]
     return "\n".join(lines)
 
@@ -271,11 +369,13 @@ def render(payload):
     the header, the per-run table, the comparison and the verdict."""
     runs = {v: {int(s): r for s, r in by_seed.items()} for v, by_seed in payload["runs"].items()}
     result = payload["comparison"]
+    variants = ", ".join(v for v in VARIANTS if v in runs)
+    seeds = sorted({s for r in runs.values() for s in r})
     header = (f"Command: `python benchmarks/bench_demo_precision.py run --variant V --seed S` "
-              f"for V in fp32, fast and S in {result['seeds']}, then `report --write-results`  \n"
+              f"for V in {variants} and S in {seeds}, then `report --write-results`  \n"
               "Machine: " + ", ".join(f"{k} {v}" for k, v in payload["environment"].items())
               + "  \n" + f"Date: {payload['date']} (commits of the runs: {payload['commits']})\n\n")
-    return header + markdown(runs, result) + "\n"
+    return header + markdown(runs, result, payload.get("recipes")) + "\n"
 
 
 def report(args) -> str:
@@ -289,6 +389,7 @@ def report(args) -> str:
         "commits": sorted({r["commit"] for v in runs.values() for r in v.values()}),
         "runs": {v: {str(s): r for s, r in by_seed.items()} for v, by_seed in runs.items()},
         "comparison": result,
+        "recipes": compare_recipes(runs),
     }
     text = render(payload)
     print(text)

@@ -81,6 +81,47 @@ def test_demo_precision_report_pairs_seeds_and_applies_the_criteria(bench, tmp_p
     assert "old" not in readme.read_text() and "| fp32 | 0 | 74.00 |" in readme.read_text()
 
 
+def test_recipe_comparison_against_the_recipe_before(bench):
+    """Issue 27's criteria: today's recipe in fp32 takes at most a third of the recipe before
+    it (both ratios), with mask AP >= 70 on each of at least 3 seeds."""
+    runs = {"fp32": {s: _run("fp32", s, ap, 400, 1.4)
+                     for s, ap in ((0, 72.0), (1, 71.0), (2, 74.0))},
+            "before_fp32": {0: _run("before_fp32", 0, 76.0, 1250, 1.1)}}
+    assert bench.compare_recipes({"fp32": runs["fp32"]}) is None  # nothing to compare with
+    result = bench.compare_recipes(runs)
+    assert result["time_ratio"] == pytest.approx(400 / 1250)
+    assert result["mask_AP_per_seed"] == [72.0, 71.0, 74.0]
+    assert result["mask_AP_mean"] == pytest.approx(72.333, abs=1e-3)
+    assert result["mask_AP_stdev"] == pytest.approx(1.5275, abs=1e-4)
+    assert result["criteria"]["met"]
+    assert "ratio 0.320" in "\n".join(bench.recipe_markdown(result))
+    runs["fp32"][1]["mask_AP"] = 69.9  # one seed under 70
+    assert not bench.compare_recipes(runs)["criteria"]["met"]
+    runs["fp32"][1]["mask_AP"] = 71.0
+    del runs["fp32"][2]  # two seeds are not enough
+    assert not bench.compare_recipes(runs)["criteria"]["met"]
+    runs["fp32"][2] = _run("fp32", 2, 74.0, 400, 1.4)
+    # The recipe before slowed by other jobs: 1000 x (1.3 - 1.1) = 200 s lost; measured
+    # 400/1250 = 0.32, without the loss 400/1050 = 0.381: the larger ratio counts.
+    runs["before_fp32"][0].update(train_iterations=1000, train_seconds_per_iter_mean=1.3)
+    result = bench.compare_recipes(runs)
+    assert result["time_ratio_uncontended"] == pytest.approx(400 / 1050)
+    assert not result["criteria"]["met"]
+    assert "NOT met" in "\n".join(bench.recipe_markdown(result))
+
+
+def test_before_recipe_overrides_are_valid_keys(bench):
+    """The recipe before is a list of overrides the demo config accepts, in fp32."""
+    from fpn_plugin.config import load_config
+
+    overrides = bench.VARIANTS["before_fp32"]
+    config = os.path.join(ROOT, "configs", "Demo", "mask_rcnn_R_18_custom_fpn_shapes.yaml")
+    cfg = load_config(config, overrides)
+    assert not cfg.SOLVER.AMP.ENABLED and cfg.SOLVER.IMS_PER_BATCH == 4
+    assert cfg.SOLVER.MAX_ITER == 1000 and cfg.INPUT.MIN_SIZE_TRAIN == (256,)
+    assert len(cfg.MODEL.RPN.IN_FEATURES) == len(cfg.MODEL.ANCHOR_GENERATOR.SIZES) == 5
+
+
 @pytest.mark.parametrize("name", ["train_cpu", "bench_demo_precision"])
 def test_benchmarks_page_training_tables_are_the_result_files(name):
     """The training tables moved from README.md to docs/benchmarks.md with their blocks."""
