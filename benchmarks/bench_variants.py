@@ -637,7 +637,7 @@ def write_outputs(summary, results, settings, best, command, write_results: bool
     folder = harness.RESULTS_DIR if write_results else harness.OUTPUT_DIR
     os.makedirs(folder, exist_ok=True)
     payload = {"command": command, "environment": harness.environment(),
-               "date": time.strftime("%Y-%m-%d"),
+               "date": time.strftime("%Y-%m-%d"), "provenance": harness.provenance(),
                "settings": settings.key(), "plugin_best": list(best), "summary": summary,
                "cpu_seconds": round(sum(r.get("run_seconds", 0.0) for r in results), 1),
                "runs": [{k: r[k] for k in ("split", "config", "seed", "variants", "metrics",
