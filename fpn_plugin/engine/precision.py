@@ -4,11 +4,13 @@ The fast training path: mixed precision (bf16 on CPU or CUDA, fp16 on CUDA) and 
 - :func:`enable_fast_training` sets a model up: its convolutional components (backbone + neck,
   RPN head, box head, mask-head convs) run under autocast while in training mode, with NHWC
   weights and inputs if asked, and hand fp32 tensors on (``fpn_plugin.utils.precision``, the
-  mechanism the fast inference path uses too). Anchor matching, box encoding/decoding,
-  ROIAlign sampling, the box predictor and every loss stay fp32; parameters, gradients,
-  optimizer state and checkpoints stay fp32. In eval mode the model runs fp32 (evaluation
-  during training is unchanged, as with Detectron2's ``AMPTrainer``; ``MODEL.FAST_INFERENCE``
-  is the inference switch).
+  mechanism the fast inference path uses too). On CPU the ROI poolers' ROIAlign becomes
+  :class:`~fpn_plugin.layers.roi_align.SparseROIAlign` (the same sampling as a sparse matrix
+  product, whose backward is multithreaded: torchvision's runs in one thread). Anchor
+  matching, box encoding/decoding, ROIAlign sampling, the box predictor and every loss stay
+  fp32; parameters, gradients, optimizer state and checkpoints stay fp32. In eval mode the
+  model runs fp32 with torchvision's ROIAlign (evaluation during training is unchanged, as with
+  Detectron2's ``AMPTrainer``; ``MODEL.FAST_INFERENCE`` is the inference switch).
 - :func:`make_train_loop` is the loop: Detectron2's ``SimpleTrainer`` for fp32 and bf16 (bf16
   has fp32's exponent range: no loss scaling), :class:`GradScalerTrainer` for fp16.
 - :func:`build_train_loop` does both and the DDP wrapping in between, for entries that build
@@ -26,6 +28,7 @@ from detectron2.engine import SimpleTrainer
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..layers.roi_align import restore_roi_align, use_sparse_roi_align
 from ..utils.precision import (PRECISIONS, auto_training_precision, autocast_components,
                                cpu_has_native_bf16, restore_components, warn_if_emulated_bf16)
 
@@ -100,13 +103,17 @@ def enable_fast_training(model: nn.Module, precision: str = "bf16",
     precision = check_training_precision(precision, device_type, channels_last)
     warn_if_emulated_bf16(precision, device_type, "the training precision (SOLVER.AMP.PRECISION / train.amp.precision)")
     autocast_components(model, PRECISIONS[precision], channels_last, training_only=True)
+    if device_type == "cpu":  # torchvision's CPU ROIAlign backward runs in one thread
+        use_sparse_roi_align(model)
     if PRECISIONS[precision] is not None or channels_last:
         model._fpn_plugin_fast_training = (precision, channels_last)
     return model
 
 
 def disable_fast_training(model: nn.Module) -> nn.Module:
-    """Undo :func:`enable_fast_training` (original methods, contiguous weights)."""
+    """Undo :func:`enable_fast_training` (original methods, contiguous weights, Detectron2's
+    ROIAlign in the poolers)."""
+    restore_roi_align(model)
     return restore_components(model)
 
 
