@@ -163,8 +163,9 @@ class SparseROIAlign(nn.Module):
     def __init__(self, output_size, spatial_scale: float, sampling_ratio: int,
                  aligned: bool = True):
         super().__init__()
-        self.output_size = tuple(output_size) if isinstance(output_size, (list, tuple)) \
+        size = tuple(output_size) if isinstance(output_size, (list, tuple)) \
             else (output_size, output_size)
+        self.output_size: Tuple[int, int] = (int(size[0]), int(size[1]))
         self.spatial_scale = spatial_scale
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
@@ -176,13 +177,19 @@ class SparseROIAlign(nn.Module):
                    module.aligned)
 
     def forward(self, input: Tensor, rois: Tensor) -> Tensor:
-        """input: (N, C, H, W); rois: (R, 5). Returns (R, C, ph, pw)."""
+        """input: (N, C, H, W); rois: (R, 5). Returns (R, C, ph, pw). Scripted or traced (a
+        deployed model), it is torchvision's kernel."""
         assert rois.dim() == 2 and rois.size(1) == 5
-        if input.requires_grad and torch.is_grad_enabled() and input.device.type == "cpu":
-            return sparse_roi_align(input, rois, self.output_size, self.spatial_scale,
-                                    self.sampling_ratio, self.aligned)
+        if not torch.jit.is_scripting() and not torch.jit.is_tracing() and input.requires_grad \
+                and torch.is_grad_enabled() and input.device.type == "cpu":
+            return self._sparse(input, rois)
         return torchvision_roi_align(input, rois.to(dtype=input.dtype), self.output_size,
                                      self.spatial_scale, self.sampling_ratio, self.aligned)
+
+    @torch.jit.unused
+    def _sparse(self, input: Tensor, rois: Tensor) -> Tensor:
+        return sparse_roi_align(input, rois, self.output_size, self.spatial_scale,
+                                self.sampling_ratio, self.aligned)
 
     def extra_repr(self) -> str:
         return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "

@@ -126,6 +126,17 @@ def test_module_uses_torchvision_when_no_gradient_is_needed(monkeypatch):
     assert "sampling_ratio=0" in repr(module)
 
 
+def test_scripted_and_traced_it_is_torchvisions_kernel():
+    module = SparseROIAlign((7, 7), 0.25, 0, aligned=True)
+    features = torch.randn(2, 4, 16, 16, requires_grad=True)
+    rois = torch.tensor([[0, 4.0, 4.0, 40.0, 50.0], [1, 0.0, 8.0, 30.0, 20.0]])
+    expected = roi_align(features, rois, (7, 7), 0.25, 0, True)
+    scripted = torch.jit.script(module)
+    assert torch.equal(scripted(features, rois), expected)
+    traced = torch.jit.trace(module, (features, rois), check_trace=False)
+    assert torch.equal(traced(features, rois), expected)
+
+
 def test_swap_into_a_models_poolers_and_back():
     from detectron2.modeling import build_model
 
