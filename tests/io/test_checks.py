@@ -73,7 +73,7 @@ def test_resume_with_changed_classes_fails_before_config_yaml_is_rewritten(tmp_p
     (out / "last_checkpoint").write_text("model_0000004.pth")
     before = (out / "config.yaml").read_text()
     new = _cfg(tmp_path, "MODEL.ROI_HEADS.NUM_CLASSES", "7", "MODEL.FPN.FUSE_TYPE", "avg")
-    with pytest.raises(ValueError, match=r"cannot resume.*MODEL.FPN.FUSE_TYPE: 'sum' -> 'avg'.*"
+    with pytest.raises(ValueError, match=r"cannot resume.*MODEL.FPN.FUSE_TYPE: 'weighted' -> 'avg'.*"
                                          r"MODEL.ROI_HEADS.NUM_CLASSES: 4 -> 7"):
         default_setup(new, _args(resume=True))
     assert (out / "config.yaml").read_text() == before
