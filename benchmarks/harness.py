@@ -199,16 +199,18 @@ def provenance() -> Dict[str, object]:
 
 # The files whose code each result measures: a result is stale when any of them changed after
 # the commit it records (tests/benchmarks/test_provenance.py). Each benchmark's script is
-# measured too.
+# measured too, and configs/Demo wherever a benchmark builds the demo's model.
 MEASURED_PATHS = {
     "bench_cpu_kinds": ["fpn_plugin/inference", "fpn_plugin/utils/precision.py", "fpn_plugin/neck",
                         "fpn_plugin/rpn", "fpn_plugin/mask_head", "configs/Demo"],
     "bench_demo": ["fpn_plugin", "projects/fpn_mask_rcnn/demo.py", "configs/Demo"],
-    "bench_demo_precision": ["fpn_plugin/engine", "fpn_plugin/inference", "configs/Demo"],
+    # whole demo trainings: every part of the plugin the demo runs
+    "bench_demo_precision": ["fpn_plugin", "projects/fpn_mask_rcnn/demo.py", "configs/Demo"],
     "bench_deploy": ["fpn_plugin/deploy", "fpn_plugin/neck", "fpn_plugin/rpn",
                      "fpn_plugin/mask_head", "fpn_plugin/inference"],
-    "bench_export": ["fpn_plugin/export", "fpn_plugin/evaluation"],
-    "bench_fast_path": ["fpn_plugin/inference", "fpn_plugin/neck", "fpn_plugin/rpn"],
+    "bench_export": ["fpn_plugin/export", "fpn_plugin/evaluation", "configs/Demo"],
+    "bench_fast_path": ["fpn_plugin/inference", "fpn_plugin/neck", "fpn_plugin/rpn",
+                        "configs/Demo"],
     "bench_mask_heads_timing": ["fpn_plugin/mask_head", "fpn_plugin/layers"],
     "bench_rpn": ["fpn_plugin/rpn"],
     "bench_variants": ["fpn_plugin/neck", "fpn_plugin/rpn", "fpn_plugin/mask_head",
@@ -216,7 +218,7 @@ MEASURED_PATHS = {
     "models_cpu": ["fpn_plugin/neck", "fpn_plugin/rpn", "fpn_plugin/mask_head",
                    "fpn_plugin/layers"],
     "train_cpu": ["fpn_plugin/engine", "fpn_plugin/neck", "fpn_plugin/rpn",
-                  "fpn_plugin/mask_head", "fpn_plugin/layers"],
+                  "fpn_plugin/mask_head", "fpn_plugin/layers", "configs/Demo"],
 }
 _SCRIPT_OF = {"models_cpu": "bench_models", "train_cpu": "bench_train",
               "bench_mask_heads_timing": "bench_mask_heads"}
