@@ -461,15 +461,18 @@ def stage2_specs(splits: Sequence[str], best: Sequence[str], seeds: Sequence[int
 
 
 def execute(specs: Sequence[RunSpec], settings: Settings, runs_dir: str,
-            run_fn: Callable[[RunSpec, str], dict], lock: Optional[str]) -> List[dict]:
+            run_fn: Callable[[RunSpec, str], dict], lock: Optional[str],
+            loaded_from: Optional[Dict[str, object]] = None) -> List[dict]:
     """
     Run every spec without a finished file (``run_fn(spec, progress)`` returns its record),
     each under the CPU lock, writing its file when done; returns all records, in spec order.
     Each record carries its provenance: the commit and tree state the process loaded its code
-    from (taken here, before any run, so later edits to the tree do not blur it), the machine
-    and CPU flags, and when the run finished.
+    from (``loaded_from``: the study takes it once when it starts, so later edits to the tree
+    do not blur it; taken here before any run if not given), the machine and CPU flags, and
+    when the run finished.
     """
-    loaded_from = harness.provenance()
+    if loaded_from is None:
+        loaded_from = harness.provenance()
     results, todo = {}, []
     for spec in specs:
         done = load_run(run_path(runs_dir, spec), settings, spec)
@@ -701,6 +704,7 @@ def main(argv=None):
     folder = harness.RESULTS_DIR if args.write_results else harness.OUTPUT_DIR
     runs_dir = args.runs_dir or os.path.join(folder, f"{NAME}_runs")
     command = "python " + " ".join([os.path.relpath(__file__, REPO)] + sys.argv[1:])
+    loaded_from = harness.provenance()  # once: the code this process runs, for every stage
 
     def run_fn(spec, progress):
         return run_one(spec, settings, args.data_root, progress)
@@ -711,7 +715,7 @@ def main(argv=None):
     def stage(specs):
         if run_fn is None:
             return [r for r in (load_run(run_path(runs_dir, s), settings, s) for s in specs) if r]
-        return execute(specs, settings, runs_dir, run_fn, args.lock)
+        return execute(specs, settings, runs_dir, run_fn, args.lock, loaded_from)
 
     results = stage(stage1_specs(args.splits, args.configs, args.seeds))
     best: List[str] = []

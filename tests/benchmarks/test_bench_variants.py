@@ -169,6 +169,27 @@ def test_resume_skips_finished_runs_and_reruns_stale_ones(bv, tmp_path):
     assert calls == ["shapes/neck_gn/seed0", "shapes/parity/seed1", "shapes/neck_gn/seed1"]
 
 
+def test_every_stage_records_the_provenance_the_study_started_with(bv, tmp_path, monkeypatch):
+    """The study takes its provenance once: a second stage run after the tree changed (here:
+    harness.provenance would now answer another commit) still names the code it loaded."""
+    started = {"commit": "aaaaaaaaaa", "dirty": False, "hostname": "h", "cpu_flags": []}
+    monkeypatch.setattr(bv.harness, "provenance", lambda: dict(started, commit="bbbbbbbbbb"))
+
+    def fake_run(spec, progress):
+        return {**_fake_record(spec, 1.0, 1.0), "settings": bv.Settings().key()}
+
+    runs = str(tmp_path / "runs")
+    stage1 = bv.execute(bv.stage1_specs(["shapes"], ["parity"], [0]), bv.Settings(), runs,
+                        fake_run, lock="", loaded_from=started)
+    stage2 = bv.execute(bv.stage2_specs(["shapes"], ["neck_gn"], [3]), bv.Settings(), runs,
+                        fake_run, lock="", loaded_from=started)
+    assert [r["provenance"]["commit"] for r in stage1 + stage2] == ["aaaaaaaaaa"] * 3
+    # without it, execute takes the provenance itself, before its runs
+    alone = bv.execute(bv.stage1_specs(["shapes"], ["neck_gn"], [1]), bv.Settings(), runs,
+                       fake_run, lock="")
+    assert alone[0]["provenance"]["commit"] == "bbbbbbbbbb"
+
+
 def test_execute_holds_the_cpu_lock_during_each_run_only(bv, tmp_path):
     import fcntl
 
