@@ -94,14 +94,6 @@ def run_path(variant: str, seed: int) -> str:
     return os.path.join(RUNS_DIR, f"{variant}_seed{seed}.json")
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
-                              capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _median_iteration_time(metrics_json: str, skip: int = 20) -> float:
     """Median of Detectron2's per-iteration 'time' records after the first ``skip``
     iterations (warm-up and the first allocations)."""
@@ -145,6 +137,7 @@ def run(args) -> dict:
     ensure_dataset(overrides)  # the variant's dataset keys (the recipe before: 400 images)
     command = [sys.executable, DEMO, "--fresh", "--output-dir", out] + overrides
     print(f"[bench] {args.variant}, seed {args.seed}: {' '.join(command)}", flush=True)
+    loaded_from = harness.provenance()  # the code the demo process loads: taken before it runs
     load_before = os.getloadavg()
     start = time.perf_counter()
     subprocess.run(command, cwd=ROOT, check=True)  # the demo prints its own progress and ETA
@@ -158,7 +151,8 @@ def run(args) -> dict:
         "variant": args.variant,
         "seed": args.seed,
         "overrides": overrides,
-        "commit": _git_commit(),
+        "commit": (loaded_from["commit"] or "unknown")[:7],
+        "provenance": loaded_from,
         "environment": harness.environment(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "box_AP": summary["box_AP"],
@@ -382,6 +376,15 @@ def render(payload):
     return header + markdown(runs, result, payload.get("recipes")) + "\n"
 
 
+def oldest_run_provenance(runs) -> dict:
+    """The result's provenance is its oldest run's (the code the first run loaded): the result
+    is stale once the measured code changed after ANY of its runs, not only after the report."""
+    oldest = min((r for by_seed in runs.values() for r in by_seed.values()),
+                 key=lambda r: r["date"])
+    return dict(oldest.get("provenance") or {"commit": oldest["commit"]},
+                measured_at=oldest["date"])
+
+
 def report(args) -> str:
     runs = load_runs()
     result = compare(runs)
@@ -394,6 +397,7 @@ def report(args) -> str:
         "runs": {v: {str(s): r for s, r in by_seed.items()} for v, by_seed in runs.items()},
         "comparison": result,
         "recipes": compare_recipes(runs),
+        "provenance": oldest_run_provenance(runs),
     }
     text = render(payload)
     print(text)

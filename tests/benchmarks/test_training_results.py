@@ -26,7 +26,7 @@ def bench():
 def _run(variant, seed, mask_ap, seconds, per_iter):
     return {"variant": variant, "seed": seed, "mask_AP": mask_ap, "box_AP": mask_ap - 5,
             "end_to_end_seconds": seconds, "train_seconds_per_iter": per_iter, "commit": "abc",
-            "environment": {"machine": "test"}}
+            "environment": {"machine": "test"}, "date": f"2026-12-07 1{seed}:00"}
 
 
 def test_demo_precision_report_pairs_seeds_and_applies_the_criteria(bench, tmp_path, monkeypatch):
@@ -68,6 +68,9 @@ def test_demo_precision_report_pairs_seeds_and_applies_the_criteria(bench, tmp_p
     readme.write_text("<!-- bench:bench_demo_precision -->\nold\n<!-- /bench:bench_demo_precision -->\n")
     monkeypatch.setattr(bench.harness, "README", str(readme))
     os.makedirs(tmp_path / "runs")
+    # The oldest run gives the result its provenance (the first code any run loaded).
+    runs["fast"][0]["date"] = "2026-12-07 09:00"
+    runs["fast"][0]["provenance"] = {"commit": "0123456789", "dirty": False}
     for variant in ("fp32", "fast"):
         for seed in (0, 1):
             (tmp_path / "runs" / f"{variant}_seed{seed}.json").write_text(
@@ -78,6 +81,8 @@ def test_demo_precision_report_pairs_seeds_and_applies_the_criteria(bench, tmp_p
     bench.report(bench.parse_args(["report", "--write-results"]))
     saved = json.loads((tmp_path / "tracked" / "bench_demo_precision.json").read_text())
     assert saved["comparison"]["seeds"] == [0, 1]
+    assert saved["provenance"] == {"commit": "0123456789", "dirty": False,
+                                   "measured_at": "2026-12-07 09:00"}
     assert "old" not in readme.read_text() and "| fp32 | 0 | 74.00 |" in readme.read_text()
 
 
