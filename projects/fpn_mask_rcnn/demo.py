@@ -65,10 +65,11 @@ def build_cfg(args):
 
 def _fp32_without_native_bf16(cfg, opts) -> None:
     """
-    The demo's config trains in bf16 on CPU, which pays off only where the CPU computes bf16
-    natively (AVX512-BF16 or AMX); elsewhere oneDNN emulates it, slower than fp32, so the demo
-    trains in fp32 there (with a warning) unless ``SOLVER.AMP.ENABLED`` was given on the
-    command line. Explicit configs elsewhere get what they ask for (the trainer only warns).
+    A demo config that trains in bf16 on CPU (the shipped one trains in fp32 + channels-last,
+    see its comment) pays off only where the CPU computes bf16 natively (AVX512-BF16 or AMX);
+    elsewhere oneDNN emulates it, slower than fp32, so the demo trains in fp32 there (with a
+    warning) unless ``SOLVER.AMP.ENABLED`` was given on the command line. Explicit configs
+    elsewhere get what they ask for (the trainer only warns).
     """
     if (not cfg.SOLVER.AMP.ENABLED or not str(cfg.MODEL.DEVICE).startswith("cpu")
             or "SOLVER.AMP.ENABLED" in opts[::2] or cpu_has_native_bf16()):
