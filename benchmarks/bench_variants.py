@@ -138,11 +138,13 @@ VARIANTS: Dict[str, Variant] = {
 }
 
 
-def combined_overrides(names: Sequence[str], image_size: int) -> List:
-    """The overrides of several variants together; two that set one key differently clash."""
+def combined_overrides(names: Sequence[str], image_size: int,
+                       variants: Optional[Dict[str, "Variant"]] = None) -> List:
+    """The overrides of several variants (of ``variants``, default this study's) together;
+    two that set one key differently clash."""
     merged: Dict[str, object] = {}
     for name in names:
-        ov = VARIANTS[name].overrides(image_size)
+        ov = (variants or VARIANTS)[name].overrides(image_size)
         for key, value in zip(ov[0::2], ov[1::2]):
             if key in merged and merged[key] != value:
                 raise ValueError(f"variants {list(names)} set {key} to different values")
@@ -281,16 +283,17 @@ def _ap(result: dict, task: str) -> float:
     return 0.0 if value is None else value  # no detections at all scores AP 0
 
 
-def summarize(results: Sequence[dict]) -> Dict[str, object]:
+def summarize(results: Sequence[dict], order: Optional[Sequence[str]] = None) -> Dict[str, object]:
     """
     Per split and config: seeds, box/mask AP mean and SD, and the paired differences to the
     parity runs of the same seeds. Also whether every run of a (split, seed) saw the same data.
+    ``order``: the configs in table order (default this study's: parity, the families, best).
     """
     by_key = {(r["split"], r["config"], r["seed"]): r for r in results}
     out: Dict[str, object] = {}
     for split in sorted({r["split"] for r in results}, key=lambda s: (s not in SPLITS, s)):
         rows = {}
-        configs = [c for c in [PARITY, *VARIANTS, BEST]
+        configs = [c for c in (order or [PARITY, *VARIANTS, BEST])
                    if any(k[:2] == (split, c) for k in by_key)]
         for config in configs:
             runs = sorted((r for k, r in by_key.items() if k[:2] == (split, config)),

@@ -1,0 +1,124 @@
+"""benchmarks/bench_convergence.py: the configs, pairing through the plugin's trainer, resume,
+the AP curve and the plateau check."""
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def bc():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    spec = importlib.util.spec_from_file_location(
+        "bench_convergence", os.path.join(ROOT, "benchmarks", "bench_convergence.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cfg(bc, overrides, tmp_path, seed=0, **settings):
+    cfg = bc.study_cfg(bc.Settings(**settings), overrides, "shapes_hard", seed,
+                       str(tmp_path / "out"), str(tmp_path / "data"))
+    cfg.freeze()
+    return cfg
+
+
+def test_parity_undoes_the_demo_recipe_departures_and_keeps_the_rest(bc, tmp_path):
+    cfg = _cfg(bc, [], tmp_path, iters=960, steps=(0.75, 0.92))
+    assert (cfg.MODEL.FPN.FUSE_TYPE, cfg.MODEL.FPN.UPSAMPLE_MODE) == ("sum", "nearest")
+    assert cfg.MODEL.ROI_MASK_HEAD.NAME == "ConvUpsampleMaskHead"
+    assert (cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS)) == (960, (720, 883))
+    assert cfg.DATASETS.TRAIN == ("shapes_hard_train",) and cfg.DATASETS.TEST == ("shapes_hard_val",)
+    # the demo recipe itself: batch, resolution, optimizer, precision
+    assert (cfg.SOLVER.IMS_PER_BATCH, cfg.INPUT.MAX_SIZE_TRAIN, cfg.SOLVER.OPTIMIZER) == \
+        (16, 160, "ADAMW")
+    assert not cfg.SOLVER.AMP.ENABLED and cfg.SOLVER.CHANNELS_LAST
+
+
+@pytest.mark.parametrize("name", ["weighted_fusion", "bifpn", "mask_scoring", "panet_path"])
+def test_each_config_starts_from_parity_weights_outside_its_modules(bc, tmp_path, name):
+    variant = bc.CONFIGS[name]
+    parity_cfg = _cfg(bc, [], tmp_path)
+    model, own = bc.bv.build_paired_model(parity_cfg, _cfg(bc, variant.overrides(0), tmp_path), 0)
+    reference, _ = bc.bv.build_paired_model(parity_cfg, parity_cfg, 0)
+    assert own and all(k.startswith(variant.changes) for k in own), own
+    state, ref = model.state_dict(), reference.state_dict()
+    shared = [k for k in state if k not in own]
+    assert len(shared) > 100
+    assert all(torch.equal(state[k], ref[k]) for k in shared)
+    assert os.path.isfile(os.path.join(ROOT, variant.yaml))
+
+
+def test_recipe_digest_follows_the_recipe_not_the_seed_or_folders(bc, tmp_path):
+    a = bc.recipe_digest(bc.Settings(), str(tmp_path / "a"))
+    assert a == bc.recipe_digest(bc.Settings(), str(tmp_path / "b"))
+    assert a != bc.recipe_digest(bc.Settings(iters=900), str(tmp_path / "a"))
+
+
+def test_read_metrics_takes_the_last_line_of_an_iteration_after_a_resume(bc, tmp_path):
+    path = tmp_path / "metrics.json"
+    rows = [{"iteration": 19, "total_loss": 2.0, "time": 1.5},
+            {"iteration": 39, "total_loss": 1.5, "time": 1.4, "segm/AP": 10.0, "bbox/AP": 9.0},
+            {"iteration": 39, "total_loss": 1.4, "time": 1.3, "segm/AP": 11.0, "bbox/AP": 9.5},
+            {"iteration": 59, "total_loss": 1.0, "time": 1.2},
+            # the final evaluation is logged at the run's length (one more after a resume)
+            {"iteration": 60, "segm/AP": 20.0, "bbox/AP": 19.0},
+            {"iteration": 61, "segm/AP": 20.5, "bbox/AP": 19.5}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
+    ap, loss, times = bc.read_metrics(str(path), 60)
+    assert ap == [[40, 11.0, 9.5], [60, 20.5, 19.5]]
+    assert loss == [[20, 2.0], [40, 1.4], [60, 1.0]]
+    assert times == [1.5, 1.3, 1.2]
+
+
+def test_plateau_needs_a_flat_last_quarter(bc):
+    rising = [[i, float(i) / 10] for i in range(80, 961, 80)]  # +8 AP per evaluation
+    flat = [[i, 50.0 + (0.3 if i % 160 else 0.0)] for i in range(80, 961, 80)]
+    assert not bc.plateau(rising, 960, 1.0)["flat"]
+    out = bc.plateau(flat, 960, 1.0)
+    assert out["flat"] and out["iterations"] == [720, 800, 880, 960] and out["span"] == 0.3
+    # one evaluation is no evidence of a plateau
+    assert not bc.plateau([[960, 50.0]], 960, 1.0)["flat"]
+
+
+def test_only_the_trainers_periodic_checkpoints_are_removed(bc, tmp_path):
+    for name in ("model_0000159.pth", "model_final.pth", "model_best.pth", "notes.txt"):
+        (tmp_path / name).write_text("x")
+    removed = bc._remove_intermediate_checkpoints(str(tmp_path))
+    assert [os.path.basename(p) for p in removed] == ["model_0000159.pth"]
+    assert sorted(os.listdir(tmp_path)) == ["model_best.pth", "model_final.pth", "notes.txt"]
+
+
+def test_paired_runs_train_through_the_trainer_and_resume(bc, tmp_path, restore_loggers):
+    """Real (tiny) runs: parity and a config see the same batches; a killed run resumes."""
+    from hostile_testutils import datasets_set_aside
+
+    from fpn_plugin.data.shapes import SHAPES_DATASET_NAMES
+
+    settings = bc.Settings(iters=4, steps=(0.5, 0.75), warmup=1, eval_period=2, num_train=8,
+                           num_val=2, threads=1)
+    work, data = str(tmp_path / "work"), str(tmp_path / "data")
+    threads = torch.get_num_threads()
+    spec = bc.bv.RunSpec("shapes_hard", "parity", 0)
+    try:
+        with datasets_set_aside(SHAPES_DATASET_NAMES):
+            parity = bc.run_one(spec, settings, work, data)
+            scoring = bc.run_one(bc.bv.RunSpec("shapes_hard", "mask_scoring", 0,
+                                               ("mask_scoring",)), settings, work, data)
+            # a finished folder resumes at its end: nothing is retrained
+            again = bc.run_one(spec, settings, work, data)
+    finally:
+        torch.set_num_threads(threads)
+    assert parity["data_fingerprint"] == scoring["data_fingerprint"] is not None
+    assert scoring["own_modules"] and parity["own_modules"] == []
+    assert [p[0] for p in parity["ap_curve"]] == [2, 4]
+    assert set(parity["metrics"]) == {"bbox", "segm"}
+    folder = os.path.join(work, "shapes_hard", "parity", "seed0")
+    assert os.path.isfile(os.path.join(folder, "model_final.pth"))
+    assert not [f for f in os.listdir(folder) if f.startswith("model_0")]
+    assert again["resumed_at"] == 4 and again["data_fingerprint"] is None
