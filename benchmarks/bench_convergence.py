@@ -19,6 +19,12 @@ parity model of the seed), every RNG re-seeded after building (same data order, 
 first ROI samples; each run records a fingerprint of its first batches and the report checks
 they agree), the same held-out images.
 
+Stages. Stage 1: parity and each family on ``--splits`` (default the harder split, the one
+the pyramid variants are for), seeds ``--seeds``. Stage 2, once stage 1 is complete: the best
+single family and the best combination (``select_stage2``) against parity on FRESH seeds
+``--best-seeds`` on both splits, so their intervals are not flattered by the selection
+(``--single`` / ``--combination`` fix them instead).
+
 Each run trains in its own folder under ``--work-dir`` with the trainer's checkpoints, so a
 killed run resumes from its last checkpoint; a finished run writes its record (metrics, AP and
 loss curves, timings, provenance) to ``--runs-dir`` and its intermediate checkpoints are
@@ -28,7 +34,7 @@ script in ``cpulock``. Progress: the trainer's ``eta:`` lines, then runs done an
 ETA.
 
     .venv/bin/python benchmarks/bench_convergence.py --configs parity --seeds 0   # one run
-    .venv/bin/python benchmarks/bench_convergence.py                              # stage 1
+    .venv/bin/python benchmarks/bench_convergence.py                              # the study
     .venv/bin/python benchmarks/bench_convergence.py --report-only                # tables
 
 Outputs: ``output/benchmarks/bench_convergence.{md,json}`` (tables: AP per config, paired
@@ -45,7 +51,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -86,7 +92,11 @@ CONFIGS: Dict[str, bv.Variant] = {
         "PANet bottom-up path", bv._COCO.format("panet"),
         lambda s: ["MODEL.FPN.BOTTOM_UP_PATH", True], ("backbone.pan_",)),
 }
-ORDER = [PARITY, *CONFIGS]
+BEST = bv.BEST
+ORDER = [PARITY, *CONFIGS, BEST]
+# Families that cannot or need not be combined: BiFPN and the PANet path are each their own
+# neck (the builder refuses both), and BiFPN already fuses with weighted fusion.
+EXCLUSIVE = ({"bifpn", "panet_path"}, {"bifpn", "weighted_fusion"})
 
 
 @dataclass
@@ -285,11 +295,97 @@ def run_one(spec: bv.RunSpec, settings: Settings, work_dir: str, data_root: str)
     }
 
 
+def compatible(names: Sequence[str]) -> bool:
+    return not any(len(group & set(names)) > 1 for group in EXCLUSIVE)
+
+
+def select_stage2(summary: Dict[str, object], splits: Sequence[str]) -> Dict[str, List[str]]:
+    """
+    From stage 1 (paired mask-AP differences to parity on ``splits``):
+
+    - ``single``: the family with the highest mean gain (over the splits);
+    - ``combination``: the families whose gain is significant on every split (95% interval
+      above 0), highest mean first, each added only if it can be combined with those before
+      (``EXCLUSIVE``); if that leaves fewer than two, the two highest positive means that
+      combine. Empty when no two families with a positive mean combine.
+    """
+    means, significant = {}, []
+    for name in CONFIGS:
+        diffs = [summary.get(s, {}).get("rows", {}).get(name, {}).get("mask_diff") for s in splits]
+        if all(d and d.get("mean") is not None for d in diffs):
+            means[name] = statistics.fmean(d["mean"] for d in diffs)
+            if all(d.get("low") is not None and d["low"] > 0 for d in diffs):
+                significant.append(name)
+    if not means:
+        return {"single": [], "combination": []}
+    ranked = sorted(means, key=means.get, reverse=True)
+
+    def greedy(candidates):
+        chosen: List[str] = []
+        for name in candidates:
+            if compatible(chosen + [name]):
+                chosen.append(name)
+        return chosen
+
+    combination = greedy([n for n in ranked if n in significant])
+    if len(combination) < 2:
+        combination = greedy([n for n in ranked if means[n] > 0])[:2]
+    return {"single": ranked[:1], "combination": combination if len(combination) >= 2 else []}
+
+
+def stage2_specs(splits: Sequence[str], chosen: Dict[str, List[str]], seeds: Sequence[int]):
+    """Parity, the best single family and the best combination (``plugin_best``), seed-major."""
+    configs = [(PARITY, ())]
+    if chosen["single"]:
+        configs.append((chosen["single"][0], tuple(chosen["single"])))
+    if chosen["combination"]:
+        configs.append((BEST, tuple(chosen["combination"])))
+    return [bv.RunSpec(split, c, seed, v) for seed in seeds for split in splits for c, v in configs]
+
+
 # ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
-def format_markdown(summary, results, settings: Settings, tolerance: float, command: str,
+def _label(config: str, row: Dict[str, object]) -> str:
+    if config == PARITY:
+        return "parity (Detectron2's FPN and mask head)"
+    if config == BEST:
+        return "**best combination**: " + " + ".join(row["variants"])
+    return CONFIGS[config].label
+
+
+def _stage_tables(summary: Dict[str, object]) -> List[str]:
+    lines = []
+    for split, part in summary.items():
+        lines += ["", f"**{split}** (held-out `{split}_val`; data order identical across "
+                      f"configs of a seed: {'yes' if part['same_data_per_seed'] else 'NO'})", "",
+                  "| config | seeds | mask AP | Δ mask AP [95% CI] | box AP "
+                  "| Δ box AP [95% CI] |",
+                  "|---|---|---|---|---|---|"]
+        for config, row in part["rows"].items():
+            cells = []
+            for task in ("mask", "box"):
+                sd = row[f"{task}_sd"]
+                cells.append(f"{row[f'{task}_mean']:.2f}"
+                             + (f" ± {sd:.2f}" if sd is not None else ""))
+                diff = row.get(f"{task}_diff")
+                if diff is None:
+                    cells.append("—")
+                elif diff["low"] is None:
+                    cells.append(f"{diff['mean']:+.2f} (one seed: no interval)")
+                else:
+                    mark = "**" if diff["low"] > 0 or diff["high"] < 0 else ""
+                    cells.append(f"{mark}{diff['mean']:+.2f} [{diff['low']:+.2f}, "
+                                 f"{diff['high']:+.2f}]{mark}")
+            seeds = ",".join(str(s) for s in row["seeds"])
+            lines.append(f"| {_label(config, row)} | {seeds} | {cells[0]} | {cells[1]} | "
+                         f"{cells[2]} | {cells[3]} |")
+    return lines
+
+
+def format_markdown(stages, results, settings: Settings, tolerance: float, command: str,
                     env: Dict[str, str], date: str) -> str:
+    """``stages``: (title, summary) per stage, each summary from ``bv.summarize``."""
     cpu_seconds = sum(r.get("run_seconds", 0.0) for r in results)
     a, b = settings.solver_steps()
     lines = [
@@ -298,39 +394,19 @@ def format_markdown(summary, results, settings: Settings, tolerance: float, comm
         f"Date: {date}",
         "",
         f"Study: the demo's model and recipe (configs/Demo, recipe {settings.recipe}) trained "
-        f"{settings.iters} iterations of 16 images (LR x0.1 at {a} and {b}), held-out AP every "
-        f"{settings.eval_period}; {settings.num_train} train / {settings.num_val} held-out "
-        f"images per split; {len(results)} runs, {cpu_seconds / 60:.0f} min under the CPU lock "
-        "in all.",
+        f"{settings.iters} iterations of 16 images (LR x0.1 at {a} and x0.01 at {b}), held-out "
+        f"AP every {settings.eval_period}; {settings.num_train} train / {settings.num_val} "
+        f"held-out images per split; {len(results)} runs, {cpu_seconds / 60:.0f} min under the "
+        "CPU lock in all.",
         "",
         bv.runs_provenance(results),
     ]
-    for split, part in summary.items():
-        lines += ["", f"**{split}** (held-out `{split}_val`; data order identical across "
-                      f"configs of a seed: {'yes' if part['same_data_per_seed'] else 'NO'})", "",
-                  "| config | seeds | mask AP | Δ mask AP [95% CI] | box AP | Δ box AP [95% CI] |",
-                  "|---|---|---|---|---|---|"]
-        for config, row in part["rows"].items():
-            label = CONFIGS[config].label if config in CONFIGS else \
-                "parity (Detectron2's FPN and mask head)"
-            cells = []
-            for task in ("mask", "box"):
-                sd = row[f"{task}_sd"]
-                cells.append(f"{row[f'{task}_mean']:.2f}" + (f" ± {sd:.2f}" if sd is not None else ""))
-                diff = row.get(f"{task}_diff")
-                if diff is None:
-                    cells.append("—")
-                elif diff["low"] is None:
-                    cells.append(f"{diff['mean']:+.2f} (one seed)")
-                else:
-                    mark = "**" if diff["low"] > 0 or diff["high"] < 0 else ""
-                    cells.append(f"{mark}{diff['mean']:+.2f} [{diff['low']:+.2f}, "
-                                 f"{diff['high']:+.2f}]{mark}")
-            seeds = ",".join(str(s) for s in row["seeds"])
-            lines.append(f"| {label} | {seeds} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |")
+    for title, summary in stages:
+        lines += ["", f"**{title}**"] + _stage_tables(summary)
     lines += ["", f"Plateau (held-out mask AP over the last quarter of each run spans <= "
                   f"{tolerance:g} AP points):", "",
-              "| run | mask AP at the last-quarter evaluations | span | flat |", "|---|---|---|---|"]
+              "| run | mask AP at the last-quarter evaluations | span | flat |",
+              "|---|---|---|---|"]
     for r in results:
         p = plateau(r.get("ap_curve", []), settings.iters, tolerance)
         points = ", ".join(f"{i}: {v:.1f}" for i, v in zip(p["iterations"], p["mask_ap"]))
@@ -385,8 +461,17 @@ def parse_args(argv=None):
     p.add_argument("--num-val", type=int, default=d.num_val)
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--splits", nargs="+", choices=SPLITS, default=["shapes_hard"])
-    p.add_argument("--configs", nargs="+", choices=ORDER, default=ORDER)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--configs", nargs="+", choices=[PARITY, *CONFIGS],
+                   default=[PARITY, *CONFIGS], help="stage 1 configs")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="stage 1 seeds")
+    p.add_argument("--best-seeds", type=int, nargs="*", default=[3, 4, 5],
+                   help="stage 2 seeds, fresh (disjoint from --seeds); none: stage 1 only")
+    p.add_argument("--best-splits", nargs="+", choices=SPLITS, default=list(SPLITS),
+                   help="stage 2 splits")
+    p.add_argument("--single", nargs=1, choices=sorted(CONFIGS),
+                   help="fix stage 2's single family instead of selecting it from stage 1")
+    p.add_argument("--combination", nargs="+", choices=sorted(CONFIGS),
+                   help="fix stage 2's combination instead of selecting it from stage 1")
     p.add_argument("--plateau-tolerance", type=float, default=1.0,
                    help="largest span of mask AP over the last quarter that counts as flat")
     p.add_argument("--report-only", action="store_true", help="no training: tables from files")
@@ -405,27 +490,51 @@ def main(argv=None):
     settings = Settings(args.iters, tuple(args.steps), args.warmup, args.eval_period,
                         args.num_train, args.num_val, args.threads)
     settings.recipe = recipe_digest(settings, args.data_root)
+    if set(args.seeds) & set(args.best_seeds):
+        raise SystemExit("error: --best-seeds must be fresh seeds, disjoint from --seeds")
     command = "python " + " ".join([os.path.relpath(__file__, REPO)] + sys.argv[1:])
     loaded_from = harness.provenance()  # once: the code this process runs
-    specs = [bv.RunSpec(split, c, seed, () if c == PARITY else (c,))
-             for seed in args.seeds for split in args.splits for c in args.configs]
-    if args.report_only:
-        results = [r for r in (bv.load_run(bv.run_path(args.runs_dir, s), settings, s)
-                               for s in specs) if r]
-    else:
-        results = bv.execute(
+    stage1 = [bv.RunSpec(split, c, seed, () if c == PARITY else (c,))
+              for seed in args.seeds for split in args.splits for c in args.configs]
+
+    def stage(specs):
+        if args.report_only:
+            return [r for r in (bv.load_run(bv.run_path(args.runs_dir, s), settings, s)
+                                for s in specs) if r]
+        return bv.execute(
             specs, settings, args.runs_dir,
             lambda spec, progress: run_one(spec, settings, args.work_dir, args.data_root),
             args.lock, loaded_from)
+
+    results = stage(stage1)
     if not results:
         raise SystemExit(f"error: no finished runs in {args.runs_dir} with these settings")
-    summary = bv.summarize(results, ORDER)
+    summary1 = bv.summarize(results, ORDER)
+    stages = [(f"Stage 1: each family against parity, seeds {args.seeds}", summary1)]
+    chosen = {"single": list(args.single or []), "combination": list(args.combination or [])}
+    if not (args.single or args.combination):
+        chosen = select_stage2(summary1, args.splits)
+    if args.best_seeds and len(results) == len(stage1) and chosen["single"]:
+        if not compatible(chosen["combination"]):
+            raise SystemExit(f"error: {chosen['combination']} cannot be combined ({EXCLUSIVE})")
+        print(f"[{NAME}] stage 2: best single {chosen['single']}, best combination "
+              f"{chosen['combination'] or '(none: fewer than two families gain)'}", flush=True)
+        results2 = stage(stage2_specs(args.best_splits, chosen, args.best_seeds))
+        if results2:
+            stages.append((f"Stage 2: the best single family and the best combination against "
+                           f"parity on fresh seeds {args.best_seeds}",
+                           bv.summarize(results2, ORDER)))
+            results = results + results2
+    elif args.best_seeds:
+        print(f"[{NAME}] stage 2 waits for stage 1: {len(results)}/{len(stage1)} runs finished",
+              flush=True)
     env, date = harness.environment(), time.strftime("%Y-%m-%d")
-    markdown = format_markdown(summary, results, settings, args.plateau_tolerance, command,
+    markdown = format_markdown(stages, results, settings, args.plateau_tolerance, command,
                                env, date)
     os.makedirs(harness.OUTPUT_DIR, exist_ok=True)
     payload = {"command": command, "environment": env, "date": date,
-               "provenance": dict(loaded_from), "settings": settings.key(), "summary": summary,
+               "provenance": dict(loaded_from), "settings": settings.key(),
+               "stages": [{"title": t, "summary": sm} for t, sm in stages], "stage2": chosen,
                "plateau_tolerance": args.plateau_tolerance,
                "runs": [{k: r[k] for k in ("split", "config", "seed", "metrics", "ap_curve",
                                            "run_seconds", "data_fingerprint", "provenance")
@@ -436,7 +545,7 @@ def main(argv=None):
     picture = plot_curves(results, os.path.join(harness.OUTPUT_DIR, f"{NAME}_curves.png"))
     print(markdown + f"[{NAME}] written: {os.path.join(harness.OUTPUT_DIR, NAME)}.{{md,json}}, "
           f"{os.path.basename(picture)}", flush=True)
-    return summary
+    return stages
 
 
 if __name__ == "__main__":

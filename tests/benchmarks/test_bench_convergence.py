@@ -33,7 +33,8 @@ def test_parity_undoes_the_demo_recipe_departures_and_keeps_the_rest(bc, tmp_pat
     assert (cfg.MODEL.FPN.FUSE_TYPE, cfg.MODEL.FPN.UPSAMPLE_MODE) == ("sum", "nearest")
     assert cfg.MODEL.ROI_MASK_HEAD.NAME == "ConvUpsampleMaskHead"
     assert (cfg.SOLVER.MAX_ITER, tuple(cfg.SOLVER.STEPS)) == (960, (720, 883))
-    assert cfg.DATASETS.TRAIN == ("shapes_hard_train",) and cfg.DATASETS.TEST == ("shapes_hard_val",)
+    assert cfg.DATASETS.TRAIN == ("shapes_hard_train",)
+    assert cfg.DATASETS.TEST == ("shapes_hard_val",)
     # the demo recipe itself: batch, resolution, optimizer, precision
     assert (cfg.SOLVER.IMS_PER_BATCH, cfg.INPUT.MAX_SIZE_TRAIN, cfg.SOLVER.OPTIMIZER) == \
         (16, 160, "ADAMW")
@@ -122,3 +123,58 @@ def test_paired_runs_train_through_the_trainer_and_resume(bc, tmp_path, restore_
     assert os.path.isfile(os.path.join(folder, "model_final.pth"))
     assert not [f for f in os.listdir(folder) if f.startswith("model_0")]
     assert again["resumed_at"] == 4 and again["data_fingerprint"] is None
+
+
+def _summary_with(bc, gains):
+    """A stage-1 summary whose families have these paired mask-AP differences per seed."""
+    spec = bc.bv.RunSpec
+    records = []
+    for seed in range(3):
+        records.append(_record(spec("shapes_hard", "parity", seed), 50.0))
+        for name, diffs in gains.items():
+            records.append(_record(spec("shapes_hard", name, seed, (name,)), 50.0 + diffs[seed]))
+    return bc.bv.summarize(records, bc.ORDER)
+
+
+def _record(spec, mask_ap):
+    return {"split": spec.split, "config": spec.config, "seed": spec.seed,
+            "variants": list(spec.variants), "data_fingerprint": "f",
+            "metrics": {"segm": {"AP": mask_ap}, "bbox": {"AP": mask_ap - 1}},
+            "ap_curve": [[720, mask_ap], [960, mask_ap]], "run_seconds": 60.0}
+
+
+def test_stage2_takes_the_best_family_and_the_significant_ones_that_combine(bc):
+    summary = _summary_with(bc, {"weighted_fusion": [1.0, 1.2, 0.9], "bifpn": [2.0, 2.1, 1.9],
+                                 "mask_scoring": [0.5, 0.7, 0.6], "panet_path": [3.0, -2.0, 0.1]})
+    chosen = bc.select_stage2(summary, ["shapes_hard"])
+    # BiFPN leads; weighted fusion is significant but BiFPN already fuses that way
+    assert chosen == {"single": ["bifpn"], "combination": ["bifpn", "mask_scoring"]}
+    specs = bc.stage2_specs(["shapes", "shapes_hard"], chosen, [3, 4, 5])
+    assert len(specs) == 18 and {s.seed for s in specs} == {3, 4, 5}
+    assert {(s.config, s.variants) for s in specs} == {
+        ("parity", ()), ("bifpn", ("bifpn",)), ("plugin_best", ("bifpn", "mask_scoring"))}
+
+
+def test_stage2_without_two_gains_has_no_combination(bc):
+    summary = _summary_with(bc, {"weighted_fusion": [0.5, -0.4, 0.2], "bifpn": [-1.0, -2, -1.5],
+                                 "mask_scoring": [-0.5, -0.7, -0.1], "panet_path": [-3, -2, -1]})
+    chosen = bc.select_stage2(summary, ["shapes_hard"])
+    assert chosen == {"single": ["weighted_fusion"], "combination": []}
+    assert [s.config for s in bc.stage2_specs(["shapes"], chosen, [3])] == ["parity",
+                                                                           "weighted_fusion"]
+    # incompatible necks are never combined
+    assert not bc.compatible(["bifpn", "panet_path"]) and bc.compatible(["panet_path",
+                                                                          "weighted_fusion"])
+
+
+def test_report_shows_both_stages_the_intervals_and_the_plateau(bc):
+    gains = {"weighted_fusion": [1.0, 1.2, 0.9], "bifpn": [0.2, -0.3, 0.1],
+             "mask_scoring": [0.5, 0.7, 0.6], "panet_path": [0.0, 0.4, -0.2]}
+    summary = _summary_with(bc, gains)
+    results = [_record(bc.bv.RunSpec("shapes_hard", "parity", 0), 50.0)]
+    text = bc.format_markdown([("Stage 1", summary), ("Stage 2", summary)], results,
+                              bc.Settings(recipe="abc"), 1.0, "cmd", {"cpu": "x"}, "2026-12-08")
+    assert text.count("**shapes_hard**") == 2 and "**Stage 2**" in text
+    assert "**+1.03 [" in text  # weighted fusion: significant, bold
+    assert "| shapes_hard/parity/seed0 | 720: 50.0, 960: 50.0 | 0.0 | yes |" in text
+    assert "LR x0.1 at 576 and x0.01 at 768" in text
