@@ -106,6 +106,18 @@ def _median_iteration_time(metrics_json: str, skip: int = 20) -> float:
     return statistics.median(times) if times else float("nan")
 
 
+def _iteration_time_windows(metrics_json: str) -> list:
+    """``[iteration, seconds]`` for every "time" record of metrics.json (Detectron2 logs the
+    median of the last 20 iterations' times every 20 iterations)."""
+    windows = []
+    with open(metrics_json) as f:
+        for line in f:
+            record = json.loads(line)
+            if "time" in record:
+                windows.append([record.get("iteration"), round(record["time"], 4)])
+    return windows
+
+
 def _overall_training_speed(log_txt: str):
     """(iterations, mean seconds per iteration) from Detectron2's "Overall training speed" log
     line. The mean is well above the median (:func:`_median_iteration_time`) when other jobs
@@ -164,6 +176,8 @@ def run(args) -> dict:
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "train_seconds_per_iter": _median_iteration_time(
             os.path.join(out, "metrics.json")),
+        # the raw timing samples: Detectron2's "time" per 20-iteration window (its median)
+        "iteration_time_windows": _iteration_time_windows(os.path.join(out, "metrics.json")),
     }
     _add_training_speed(record, out)
     with open(run_path(args.variant, args.seed), "w") as f:
@@ -381,8 +395,11 @@ def oldest_run_provenance(runs) -> dict:
     is stale once the measured code changed after ANY of its runs, not only after the report."""
     oldest = min((r for by_seed in runs.values() for r in by_seed.values()),
                  key=lambda r: r["date"])
-    return dict(oldest.get("provenance") or {"commit": oldest["commit"]},
-                measured_at=oldest["date"])
+    provenance = dict(oldest.get("provenance") or {"commit": oldest["commit"]})
+    # a run's provenance was taken when it started; only runs recorded before they carried
+    # one get their (end) date
+    provenance.setdefault("measured_at", oldest["date"])
+    return provenance
 
 
 def report(args) -> str:

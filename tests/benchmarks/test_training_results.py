@@ -70,7 +70,8 @@ def test_demo_precision_report_pairs_seeds_and_applies_the_criteria(bench, tmp_p
     os.makedirs(tmp_path / "runs")
     # The oldest run gives the result its provenance (the first code any run loaded).
     runs["fast"][0]["date"] = "2026-12-07 09:00"
-    runs["fast"][0]["provenance"] = {"commit": "0123456789", "dirty": False}
+    runs["fast"][0]["provenance"] = {"commit": "0123456789", "dirty": False,
+                                     "measured_at": "2026-12-07T08:40:00Z"}  # at its start
     for variant in ("fp32", "fast"):
         for seed in (0, 1):
             (tmp_path / "runs" / f"{variant}_seed{seed}.json").write_text(
@@ -82,7 +83,11 @@ def test_demo_precision_report_pairs_seeds_and_applies_the_criteria(bench, tmp_p
     saved = json.loads((tmp_path / "tracked" / "bench_demo_precision.json").read_text())
     assert saved["comparison"]["seeds"] == [0, 1]
     assert saved["provenance"] == {"commit": "0123456789", "dirty": False,
-                                   "measured_at": "2026-12-07 09:00"}
+                                   "measured_at": "2026-12-07T08:40:00Z"}
+    # a run recorded before runs carried a provenance: its commit, dated by its record
+    assert bench.oldest_run_provenance({"fp32": {0: {"date": "2026-12-01 10:00",
+                                                     "commit": "abc1234"}}}) == \
+        {"commit": "abc1234", "measured_at": "2026-12-01 10:00"}
     assert "old" not in readme.read_text() and "| fp32 | 0 | 74.00 |" in readme.read_text()
 
 
@@ -183,3 +188,13 @@ def test_demo_default_precision_follows_the_recorded_verdict():
     cfg = load_config(os.path.join(ROOT, "configs", "Demo", "mask_rcnn_R_18_custom_fpn_shapes.yaml"))
     fast_default = cfg.SOLVER.AMP.ENABLED and cfg.SOLVER.CHANNELS_LAST
     assert fast_default == comparison["criteria"]["met"]
+
+
+def test_demo_precision_runs_keep_every_timing_window(bench, tmp_path):
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text("\n".join(json.dumps(r) for r in [
+        {"iteration": 19, "time": 1.61234, "total_loss": 2.0},
+        {"iteration": 39, "time": 1.5, "total_loss": 1.0},
+        {"iteration": 40, "segm/AP": 50.0}]) + "\n")
+    assert bench._iteration_time_windows(str(metrics)) == [[19, 1.6123], [39, 1.5]]
+    assert bench._median_iteration_time(str(metrics)) == 1.5  # the first window is warm-up
