@@ -418,8 +418,9 @@ def format_markdown(stages, results, settings: Settings, tolerance: float, comma
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(results: Sequence[dict], path: str) -> str:
-    """Held-out mask AP against iterations per split and config (mean over its seeds)."""
+def plot_curves(results: Sequence[dict], iters: int, path: str) -> str:
+    """Held-out mask AP against iterations per split and config (mean over the seeds that
+    have an evaluation at that iteration), the last quarter shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -433,12 +434,15 @@ def plot_curves(results: Sequence[dict], path: str) -> str:
                     and r.get("ap_curve")]
             if not runs:
                 continue
-            its = [p[0] for p in runs[0]["ap_curve"]]
-            mean = [statistics.fmean((r["ap_curve"][k][1] or 0.0) for r in runs)
-                    for k in range(len(its))]
+            by_iter: Dict[int, List[float]] = {}
+            for r in runs:
+                for it, mask_ap, _ in r["ap_curve"]:
+                    by_iter.setdefault(it, []).append(mask_ap or 0.0)
+            its = sorted(by_iter)
             style = dict(color="black", lw=2) if config == PARITY else dict(lw=1)
-            ax.plot(its, mean, marker=".", label=f"{config} ({len(runs)} seeds)", **style)
-        ax.axvspan(0.75 * max(its), max(its), color="gray", alpha=0.12, label="last quarter")
+            ax.plot(its, [statistics.fmean(by_iter[i]) for i in its], marker=".",
+                    label=f"{config} ({len(runs)} seeds)", **style)
+        ax.axvspan(0.75 * iters, iters, color="gray", alpha=0.12, label="last quarter")
         ax.set_xlabel("iteration")
         ax.set_ylabel("held-out mask AP (mean over seeds)")
         ax.set_title(split)
@@ -542,9 +546,12 @@ def main(argv=None):
     bv.write_json_atomic(os.path.join(harness.OUTPUT_DIR, f"{NAME}.json"), payload)
     with open(os.path.join(harness.OUTPUT_DIR, f"{NAME}.md"), "w") as f:
         f.write(markdown)
-    picture = plot_curves(results, os.path.join(harness.OUTPUT_DIR, f"{NAME}_curves.png"))
+    pictures = [plot_curves(results, settings.iters,
+                            os.path.join(harness.OUTPUT_DIR, f"{NAME}_curves.png"))]
+    for i, (_, summary) in enumerate(stages):  # paired differences with intervals, per stage
+        pictures += bv.plot(summary, results, harness.OUTPUT_DIR, f"{NAME}_stage{i + 1}")
     print(markdown + f"[{NAME}] written: {os.path.join(harness.OUTPUT_DIR, NAME)}.{{md,json}}, "
-          f"{os.path.basename(picture)}", flush=True)
+          + ", ".join(os.path.basename(p) for p in pictures), flush=True)
     return stages
 
 

@@ -581,8 +581,9 @@ def render(payload):
                            payload["date"])
 
 
-def plot(summary: Dict[str, object], results: Sequence[dict], folder: str) -> List[str]:
-    """bench_variants.png (paired differences) and bench_variants_curves.png (losses)."""
+def plot(summary: Dict[str, object], results: Sequence[dict], folder: str,
+         name: str = NAME) -> List[str]:
+    """<name>.png (paired differences) and <name>_curves.png (training losses)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -611,7 +612,7 @@ def plot(summary: Dict[str, object], results: Sequence[dict], folder: str) -> Li
         ax.set_title(f"{split}: variant - parity")
         ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    paths.append(os.path.join(folder, f"{NAME}.png"))
+    paths.append(os.path.join(folder, f"{name}.png"))
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
@@ -631,7 +632,7 @@ def plot(summary: Dict[str, object], results: Sequence[dict], folder: str) -> Li
         ax.set_title(split)
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    paths.append(os.path.join(folder, f"{NAME}_curves.png"))
+    paths.append(os.path.join(folder, f"{name}_curves.png"))
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     return paths

@@ -140,7 +140,8 @@ def _record(spec, mask_ap):
     return {"split": spec.split, "config": spec.config, "seed": spec.seed,
             "variants": list(spec.variants), "data_fingerprint": "f",
             "metrics": {"segm": {"AP": mask_ap}, "bbox": {"AP": mask_ap - 1}},
-            "ap_curve": [[720, mask_ap], [960, mask_ap]], "run_seconds": 60.0}
+            "ap_curve": [[720, mask_ap, mask_ap - 1], [960, mask_ap, mask_ap - 1]],
+            "run_seconds": 60.0}
 
 
 def test_stage2_takes_the_best_family_and_the_significant_ones_that_combine(bc):
@@ -178,3 +179,36 @@ def test_report_shows_both_stages_the_intervals_and_the_plateau(bc):
     assert "**+1.03 [" in text  # weighted fusion: significant, bold
     assert "| shapes_hard/parity/seed0 | 720: 50.0, 960: 50.0 | 0.0 | yes |" in text
     assert "LR x0.1 at 576 and x0.01 at 768" in text
+
+
+def test_report_only_writes_tables_and_pictures_from_the_run_records(bc, tmp_path, monkeypatch):
+    """--report-only: no training; the md/json and the pictures from finished run records
+    (a seed whose curve misses an evaluation still plots)."""
+    monkeypatch.setattr(bc.harness, "OUTPUT_DIR", str(tmp_path / "out"))
+    args = ["--report-only", "--runs-dir", str(tmp_path / "runs"), "--data-root",
+            str(tmp_path / "data"), "--configs", "parity", "weighted_fusion", "--seeds", "0",
+            "1", "--best-seeds"]
+    settings = bc.Settings()
+    settings.recipe = bc.recipe_digest(settings, str(tmp_path / "data"))
+    for seed in (0, 1):
+        for config, ap in (("parity", 50.0), ("weighted_fusion", 51.0 + seed)):
+            spec = bc.bv.RunSpec("shapes_hard", config, seed, () if config == "parity"
+                                 else (config,))
+            record = {**_record(spec, ap), "settings": settings.key(),
+                      "curve": [[20, 2.0], [40, 1.5]]}
+            if seed == 1:
+                record["ap_curve"] = record["ap_curve"][1:]
+            bc.bv.write_json_atomic(bc.bv.run_path(str(tmp_path / "runs"), spec), record)
+    stages = bc.main(args)
+    assert [t for t, _ in stages] == ["Stage 1: each family against parity, seeds [0, 1]"]
+    row = stages[0][1]["shapes_hard"]["rows"]["weighted_fusion"]
+    assert row["mask_diff"]["values"] == [1.0, 2.0]
+    out = tmp_path / "out"
+    assert sorted(os.listdir(out)) == sorted([
+        "bench_convergence.json", "bench_convergence.md", "bench_convergence_curves.png",
+        "bench_convergence_stage1.png", "bench_convergence_stage1_curves.png"])
+    payload = json.loads((out / "bench_convergence.json").read_text())
+    assert payload["settings"]["recipe"] == settings.recipe and len(payload["runs"]) == 4
+    # a record made with other settings is not used
+    with pytest.raises(SystemExit, match="no finished runs"):
+        bc.main(args + ["--iters", "900"])
