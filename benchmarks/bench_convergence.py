@@ -4,8 +4,9 @@ has finished learning, paired by seed as in ``bench_variants.py``.
 
 bench_variants' study stopped every model at 300 iterations of 4 images at 128 px, with parity
 at 15-18 mask AP: its gains may be faster early learning rather than better models. This study
-trains the demo's model and recipe (``configs/Demo``: ResNet-18 from scratch, 160 px, batches
-of 16, AdamW, fp32 + channels-last, the plugin's trainer with its fast CPU training path) for
+trains the demo's model and recipe of 2026-12-07 (ResNet-18 from scratch, 160 px, batches of
+16, AdamW, fp32 + channels-last, the plugin's trainer with its fast CPU training path), frozen
+in ``benchmarks/configs/convergence_study.yaml`` so that later demo changes leave it alone, for
 ``--iters`` iterations with the LR decayed x0.1 at ``--steps`` (fractions of the run), and
 evaluates held-out box and mask AP every ``--eval-period`` iterations, so every run has an AP
 curve. A run counts as converged when its held-out mask AP is flat over the last quarter of
@@ -61,7 +62,7 @@ import bench_variants as bv  # noqa: E402
 import harness  # noqa: E402
 
 NAME = "bench_convergence"
-STUDY_YAML = os.path.join(REPO, "configs", "Demo", "mask_rcnn_R_18_custom_fpn_shapes.yaml")
+STUDY_YAML = os.path.join(REPO, "benchmarks", "configs", "convergence_study.yaml")
 PARITY = bv.PARITY
 SPLITS = bv.SPLITS
 FINGERPRINT_BATCHES = 20  # the first batches (before any checkpoint a resume could restart from)
@@ -393,7 +394,8 @@ def format_markdown(stages, results, settings: Settings, tolerance: float, comma
         "Machine: " + ", ".join(f"{k} {v}" for k, v in env.items()) + "  ",
         f"Date: {date}",
         "",
-        f"Study: the demo's model and recipe (configs/Demo, recipe {settings.recipe}) trained "
+        f"Study: the demo's model and recipe (benchmarks/configs/convergence_study.yaml, "
+        f"digest {settings.recipe}) trained "
         f"{settings.iters} iterations of 16 images (LR x0.1 at {a} and x0.01 at {b}), held-out "
         f"AP every {settings.eval_period}; {settings.num_train} train / {settings.num_val} "
         f"held-out images per split; {len(results)} runs, {cpu_seconds / 60:.0f} min under the "
