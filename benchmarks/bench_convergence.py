@@ -355,35 +355,6 @@ def _label(config: str, row: Dict[str, object]) -> str:
     return CONFIGS[config].label
 
 
-def _stage_tables(summary: Dict[str, object]) -> List[str]:
-    lines = []
-    for split, part in summary.items():
-        lines += ["", f"**{split}** (held-out `{split}_val`; data order identical across "
-                      f"configs of a seed: {'yes' if part['same_data_per_seed'] else 'NO'})", "",
-                  "| config | seeds | mask AP | Δ mask AP [95% CI] | box AP "
-                  "| Δ box AP [95% CI] |",
-                  "|---|---|---|---|---|---|"]
-        for config, row in part["rows"].items():
-            cells = []
-            for task in ("mask", "box"):
-                sd = row[f"{task}_sd"]
-                cells.append(f"{row[f'{task}_mean']:.2f}"
-                             + (f" ± {sd:.2f}" if sd is not None else ""))
-                diff = row.get(f"{task}_diff")
-                if diff is None:
-                    cells.append("—")
-                elif diff["low"] is None:
-                    cells.append(f"{diff['mean']:+.2f} (one seed: no interval)")
-                else:
-                    mark = "**" if diff["low"] > 0 or diff["high"] < 0 else ""
-                    cells.append(f"{mark}{diff['mean']:+.2f} [{diff['low']:+.2f}, "
-                                 f"{diff['high']:+.2f}]{mark}")
-            seeds = ",".join(str(s) for s in row["seeds"])
-            lines.append(f"| {_label(config, row)} | {seeds} | {cells[0]} | {cells[1]} | "
-                         f"{cells[2]} | {cells[3]} |")
-    return lines
-
-
 def format_markdown(stages, results, settings: Settings, tolerance: float, command: str,
                     env: Dict[str, str], date: str) -> str:
     """``stages``: (title, summary) per stage, each summary from ``bv.summarize``."""
@@ -404,7 +375,7 @@ def format_markdown(stages, results, settings: Settings, tolerance: float, comma
         bv.runs_provenance(results),
     ]
     for title, summary in stages:
-        lines += ["", f"**{title}**"] + _stage_tables(summary)
+        lines += ["", f"**{title}**"] + bv.split_tables(summary, _label)
     lines += ["", f"Plateau (held-out mask AP over the last quarter of each run spans <= "
                   f"{tolerance:g} AP points):", "",
               "| run | mask AP at the last-quarter evaluations | span | flat |",

@@ -522,6 +522,43 @@ def runs_provenance(results: Sequence[dict]) -> str:
                if unknown else "."))
 
 
+def _label(config: str, row: Dict[str, object]) -> str:
+    return (VARIANTS[config].label if config in VARIANTS else
+            "parity (Detectron2's defaults)" if config == PARITY else
+            "**plugin best**: " + " + ".join(row["variants"]))
+
+
+def split_tables(summary: Dict[str, object],
+                 label: Callable[[str, Dict[str, object]], str]) -> List[str]:
+    """Markdown lines of one table per split of ``summary``: per config (named by
+    ``label(config, row)``) its seeds, mask and box AP (mean ± SD) and the paired differences
+    to parity with their intervals (bold where the interval excludes 0)."""
+    lines: List[str] = []
+    for split, part in summary.items():
+        lines += ["", f"**{split}** (held-out `{split}_val`; data order identical across "
+                      f"configs of a seed: {'yes' if part['same_data_per_seed'] else 'NO'})", "",
+                  "| config | seeds | mask AP | Δ mask AP [95% CI] | box AP | Δ box AP [95% CI] |",
+                  "|---|---|---|---|---|---|"]
+        for config, row in part["rows"].items():
+            seeds = ",".join(str(s) for s in row["seeds"])
+            cells = []
+            for task in ("mask", "box"):
+                sd = row[f"{task}_sd"]
+                cells.append(f"{row[f'{task}_mean']:.2f}" + (f" ± {sd:.2f}" if sd is not None else ""))
+                diff = row.get(f"{task}_diff")
+                if diff is None:
+                    cells.append("—")
+                elif diff["low"] is None:
+                    cells.append(f"{diff['mean']:+.2f} (one seed: no interval)")
+                else:
+                    mark = "**" if diff["low"] > 0 or diff["high"] < 0 else ""
+                    cells.append(f"{mark}{diff['mean']:+.2f} [{diff['low']:+.2f}, "
+                                 f"{diff['high']:+.2f}]{mark}")
+            lines.append(f"| {label(config, row)} | {seeds} | {cells[0]} | {cells[1]} | "
+                         f"{cells[2]} | {cells[3]} |")
+    return lines
+
+
 def format_markdown(summary: Dict[str, object], results: Sequence[dict], settings: Settings,
                     best: Sequence[str], command: str, env: Optional[Dict[str, str]] = None,
                     date: Optional[str] = None) -> str:
@@ -542,31 +579,7 @@ def format_markdown(summary: Dict[str, object], results: Sequence[dict], setting
         "",
         runs_provenance(results),
     ]
-    for split, part in summary.items():
-        rows = part["rows"]
-        lines += ["", f"**{split}** (held-out `{split}_val`; data order identical across "
-                      f"configs of a seed: {'yes' if part['same_data_per_seed'] else 'NO'})", "",
-                  "| config | seeds | mask AP | Δ mask AP [95% CI] | box AP | Δ box AP [95% CI] |",
-                  "|---|---|---|---|---|---|"]
-        for config, row in rows.items():
-            label = (VARIANTS[config].label if config in VARIANTS else
-                     "parity (Detectron2's defaults)" if config == PARITY else
-                     "**plugin best**: " + " + ".join(row["variants"]))
-            seeds = ",".join(str(s) for s in row["seeds"])
-            cells = []
-            for task in ("mask", "box"):
-                sd = row[f"{task}_sd"]
-                cells.append(f"{row[f'{task}_mean']:.2f}" + (f" ± {sd:.2f}" if sd is not None else ""))
-                diff = row.get(f"{task}_diff")
-                if diff is None:
-                    cells.append("—")
-                elif diff["low"] is None:
-                    cells.append(f"{diff['mean']:+.2f}")
-                else:
-                    mark = "**" if diff["low"] > 0 or diff["high"] < 0 else ""
-                    cells.append(f"{mark}{diff['mean']:+.2f} [{diff['low']:+.2f}, "
-                                 f"{diff['high']:+.2f}]{mark}")
-            lines.append(f"| {label} | {seeds} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |")
+    lines += split_tables(summary, _label)
     lines += ["", "AP: mean ± SD over seeds. Δ: mean of the per-seed differences to the parity "
                   "run of the same seed (same data order, same initial weights outside the "
                   "changed modules), with a 95% Student-t interval on those differences "

@@ -42,3 +42,27 @@ LAZY_TINY_OPTS = [
     "dataloader.shapes.num_train=8", "dataloader.shapes.num_val=2",
     "dataloader.shapes.image_size=64",
 ]
+
+
+def demo_config_at(commit: str, folder) -> str:
+    """The demo YAML as it was at ``commit`` (``git show``), written under ``folder`` with
+    today's base config beside it so its ``_BASE_`` resolves; skips the test where the git
+    history (or that commit) is not at hand."""
+    import subprocess
+
+    import pytest
+
+    rel = os.path.relpath(DEMO_CONFIG, ROOT)
+    try:
+        text = subprocess.run(["git", "show", f"{commit}:{rel}"], cwd=ROOT, check=True,
+                              capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip(f"no git history with {commit} here")
+    path = os.path.join(str(folder), "Demo", f"demo_{commit}.yaml")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    with open(os.path.join(ROOT, "configs", "Base-RCNN-CustomFPN.yaml")) as src, \
+            open(os.path.join(str(folder), "Base-RCNN-CustomFPN.yaml"), "w") as dst:
+        dst.write(src.read())
+    return path

@@ -221,19 +221,9 @@ _STUDY_BASE_COMMIT = "3ccc94f"
 def test_study_yaml_is_the_demo_recipe_it_froze(bc, tmp_path):
     """The frozen study config is the demo config of its base commit, key for key (so the
     study keeps its recipe when the demo's changes)."""
-    import subprocess
+    from demo_testutils import demo_config_at
 
     from fpn_plugin.config import load_config
 
-    rel = "configs/Demo/mask_rcnn_R_18_custom_fpn_shapes.yaml"
-    try:
-        text = subprocess.run(["git", "show", f"{_STUDY_BASE_COMMIT}:{rel}"], cwd=ROOT,
-                              check=True, capture_output=True, text=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        pytest.skip(f"no git history with {_STUDY_BASE_COMMIT} here")
-    demo = tmp_path / "Demo" / "demo.yaml"
-    demo.parent.mkdir()
-    demo.write_text(text)
-    (tmp_path / "Base-RCNN-CustomFPN.yaml").write_text(
-        open(os.path.join(ROOT, "configs", "Base-RCNN-CustomFPN.yaml")).read())
-    assert load_config(bc.STUDY_YAML, []).dump() == load_config(str(demo), []).dump()
+    demo = demo_config_at(_STUDY_BASE_COMMIT, tmp_path)
+    assert load_config(bc.STUDY_YAML, []).dump() == load_config(demo, []).dump()

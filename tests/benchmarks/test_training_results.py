@@ -139,24 +139,13 @@ _BEFORE_COMMIT = "dc04b3c"
 def test_before_recipe_is_the_demo_config_before(bench, tmp_path):
     """Today's demo config with BEFORE_RECIPE is the demo config of the commit before the
     recipe changed, key for key (in fp32: the variant's precision keys on both sides)."""
-    import subprocess
+    from demo_testutils import DEMO_CONFIG, demo_config_at
 
     from fpn_plugin.config import load_config
 
-    rel = "configs/Demo/mask_rcnn_R_18_custom_fpn_shapes.yaml"
-    try:
-        text = subprocess.run(["git", "show", f"{_BEFORE_COMMIT}:{rel}"], cwd=ROOT, check=True,
-                              capture_output=True, text=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        pytest.skip(f"no git history with {_BEFORE_COMMIT} here")
-    before = tmp_path / "Demo" / "before.yaml"
-    before.parent.mkdir()
-    before.write_text(text)
-    # its _BASE_ is relative to configs/Demo: the base of today's checkout (unchanged since)
-    (tmp_path / "Base-RCNN-CustomFPN.yaml").write_text(
-        open(os.path.join(ROOT, "configs", "Base-RCNN-CustomFPN.yaml")).read())
-    expected = load_config(str(before), bench.FP32)
-    actual = load_config(os.path.join(ROOT, rel), bench.VARIANTS["before_fp32"])
+    before = demo_config_at(_BEFORE_COMMIT, tmp_path)  # with today's base (unchanged since)
+    expected = load_config(before, bench.FP32)
+    actual = load_config(DEMO_CONFIG, bench.VARIANTS["before_fp32"])
     assert actual.dump() == expected.dump()
 
 
