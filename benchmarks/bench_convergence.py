@@ -253,6 +253,22 @@ def _remove_intermediate_checkpoints(folder: str) -> List[str]:
     return removed
 
 
+def _close(trainer) -> None:
+    """End a finished trainer's data-loader workers: its endless training loader keeps them
+    alive (a worker per run, about 1.4 GB each here) until the iterator is collected, which
+    the trainer's reference cycles delay."""
+    import gc
+
+    loop = getattr(trainer, "_trainer", None)
+    for owner in (loop, trainer):
+        for name in ("_data_loader_iter_obj", "_data_loader_iter"):
+            it = getattr(owner, name, None) if owner is not None else None
+            if hasattr(it, "close"):  # the FingerprintedLoader generator: closes its loader
+                it.close()
+    del trainer, loop
+    gc.collect()
+
+
 def run_one(spec: bv.RunSpec, settings: Settings, work_dir: str, data_root: str) -> dict:
     """Train (resuming from the run's folder) and evaluate one (split, config, seed)."""
     import torch
@@ -282,6 +298,9 @@ def run_one(spec: bv.RunSpec, settings: Settings, work_dir: str, data_root: str)
     ap_curve, loss_curve, times = read_metrics(os.path.join(folder, "metrics.json"),
                                                  settings.iters)
     _remove_intermediate_checkpoints(folder)
+    own_keys = trainer.own_keys
+    params = sum(p.numel() for p in trainer.model.parameters())
+    _close(trainer)
     return {
         "split": spec.split, "config": spec.config, "seed": spec.seed,
         "variants": list(spec.variants), "overrides": overrides, "settings": settings.key(),
@@ -289,8 +308,8 @@ def run_one(spec: bv.RunSpec, settings: Settings, work_dir: str, data_root: str)
         "iteration_times": times,  # the trainer's median "time" per 20-iteration window
         "resumed_at": resumed_at,  # 0: trained in one go (the fingerprint covers its start)
         "data_fingerprint": digest.hexdigest()[:16] if resumed_at == 0 else None,
-        "own_modules": sorted({k.rsplit(".", 1)[0] for k in trainer.own_keys}),
-        "params": sum(p.numel() for p in trainer.model.parameters()),
+        "own_modules": sorted({k.rsplit(".", 1)[0] for k in own_keys}),
+        "params": params,
         "train_and_eval_seconds": round(seconds, 1),
         "work_dir": os.path.relpath(folder, REPO),
     }

@@ -228,7 +228,10 @@ def cpu_lock(path: Optional[str]):
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield time.perf_counter() - start
     finally:
-        os.close(fd)  # releases the lock
+        # Unlock explicitly: a process forked during the run (a data-loader worker still
+        # alive) shares this open file and would keep the lock after a mere close.
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------

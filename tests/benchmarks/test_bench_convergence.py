@@ -97,6 +97,8 @@ def test_only_the_trainers_periodic_checkpoints_are_removed(bc, tmp_path):
 
 def test_paired_runs_train_through_the_trainer_and_resume(bc, tmp_path, restore_loggers):
     """Real (tiny) runs: parity and a config see the same batches; a killed run resumes."""
+    import multiprocessing
+
     from hostile_testutils import datasets_set_aside
 
     from fpn_plugin.data.shapes import SHAPES_DATASET_NAMES
@@ -123,6 +125,8 @@ def test_paired_runs_train_through_the_trainer_and_resume(bc, tmp_path, restore_
     assert os.path.isfile(os.path.join(folder, "model_final.pth"))
     assert not [f for f in os.listdir(folder) if f.startswith("model_0")]
     assert again["resumed_at"] == 4 and again["data_fingerprint"] is None
+    # no data-loader worker outlives its run (each would hold memory and the CPU lock's file)
+    assert not [p for p in multiprocessing.active_children() if p.is_alive()]
 
 
 def _summary_with(bc, gains):

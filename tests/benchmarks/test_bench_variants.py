@@ -216,6 +216,30 @@ def test_execute_holds_the_cpu_lock_during_each_run_only(bv, tmp_path):
     assert not probe()  # released after the last run
 
 
+def test_cpu_lock_is_released_while_a_process_forked_in_the_run_lives_on(bv, tmp_path):
+    """A data-loader worker forked during a run inherits the lock's file: the lock must still
+    end with the run (closing the file alone left it held by the worker)."""
+    import fcntl
+    import multiprocessing
+
+    lock = str(tmp_path / "cpu.lock")
+    ctx = multiprocessing.get_context("fork")
+    stop = ctx.Event()
+    with bv.cpu_lock(lock):
+        child = ctx.Process(target=stop.wait, args=(60,))
+        child.start()
+    try:
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while anyone holds it
+        finally:
+            os.close(fd)
+        assert child.is_alive()  # the forked process still has the file open
+    finally:
+        stop.set()
+        child.join(10)
+
+
 def _study_results(bv):
     """Stage 1 on two splits (3 seeds) and stage 2 (2 fresh seeds), with known APs."""
     results = []
