@@ -477,6 +477,7 @@ def parse_args(argv=None):
                    help="the runs' training folders (checkpoints, metrics.json, logs)")
     p.add_argument("--runs-dir", default=os.path.join(harness.RESULTS_DIR, f"{NAME}_runs"),
                    help="the finished runs' records (tracked)")
+    harness.add_output_arguments(p)
     return p.parse_args(argv)
 
 
@@ -485,6 +486,11 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     settings = Settings(args.iters, tuple(args.steps), args.warmup, args.eval_period,
                         args.num_train, args.num_val, args.threads)
+    if args.write_results and NAME not in harness.MEASURED_PATHS:
+        # every tracked result names the code it measures (tests/benchmarks/test_provenance.py)
+        raise SystemExit(f"error: --write-results needs {NAME} in harness.MEASURED_PATHS first "
+                         "(the study's run records are tracked already; its tables go to "
+                         f"{os.path.relpath(harness.OUTPUT_DIR, REPO)}/ until then)")
     settings.recipe = recipe_digest(settings, args.data_root)
     if set(args.seeds) & set(args.best_seeds):
         raise SystemExit("error: --best-seeds must be fresh seeds, disjoint from --seeds")
@@ -527,7 +533,8 @@ def main(argv=None):
     env, date = harness.environment(), time.strftime("%Y-%m-%d")
     markdown = format_markdown(stages, results, settings, args.plateau_tolerance, command,
                                env, date)
-    os.makedirs(harness.OUTPUT_DIR, exist_ok=True)
+    folder = harness.RESULTS_DIR if args.write_results else harness.OUTPUT_DIR
+    os.makedirs(folder, exist_ok=True)
     payload = {"command": command, "environment": env, "date": date,
                "provenance": dict(loaded_from), "settings": settings.key(),
                "stages": [{"title": t, "summary": sm} for t, sm in stages], "stage2": chosen,
@@ -535,14 +542,14 @@ def main(argv=None):
                "runs": [{k: r[k] for k in ("split", "config", "seed", "metrics", "ap_curve",
                                            "run_seconds", "data_fingerprint", "provenance")
                          if k in r} for r in results]}
-    bv.write_json_atomic(os.path.join(harness.OUTPUT_DIR, f"{NAME}.json"), payload)
-    with open(os.path.join(harness.OUTPUT_DIR, f"{NAME}.md"), "w") as f:
+    bv.write_json_atomic(os.path.join(folder, f"{NAME}.json"), payload)
+    with open(os.path.join(folder, f"{NAME}.md"), "w") as f:
         f.write(markdown)
     pictures = [plot_curves(results, settings.iters,
-                            os.path.join(harness.OUTPUT_DIR, f"{NAME}_curves.png"))]
+                            os.path.join(folder, f"{NAME}_curves.png"))]
     for i, (_, summary) in enumerate(stages):  # paired differences with intervals, per stage
-        pictures += bv.plot(summary, results, harness.OUTPUT_DIR, f"{NAME}_stage{i + 1}")
-    print(markdown + f"[{NAME}] written: {os.path.join(harness.OUTPUT_DIR, NAME)}.{{md,json}}, "
+        pictures += bv.plot(summary, results, folder, f"{NAME}_stage{i + 1}")
+    print(markdown + f"[{NAME}] written: {os.path.join(folder, NAME)}.{{md,json}}, "
           + ", ".join(os.path.basename(p) for p in pictures), flush=True)
     return stages
 

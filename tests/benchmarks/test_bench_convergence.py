@@ -231,3 +231,12 @@ def test_study_yaml_is_the_demo_recipe_it_froze(bc, tmp_path):
 
     demo = demo_config_at(_STUDY_BASE_COMMIT, tmp_path)
     assert load_config(bc.STUDY_YAML, []).dump() == load_config(demo, []).dump()
+
+
+def test_tracked_results_wait_for_the_harness_registration(bc, monkeypatch):
+    """--write-results is refused while the study is not in harness.MEASURED_PATHS (a tracked
+    result must name the code it measures); nothing is trained or written."""
+    monkeypatch.delitem(bc.harness.MEASURED_PATHS, bc.NAME, raising=False)
+    monkeypatch.setattr(bc.bv, "execute", lambda *a, **k: pytest.fail("must not train"))
+    with pytest.raises(SystemExit, match="MEASURED_PATHS"):
+        bc.main(["--write-results"])
