@@ -43,7 +43,6 @@ differences with 95% intervals, plateau check per run) and ``bench_convergence_c
 (held-out mask AP against iterations, per config, mean over seeds).
 """
 import argparse
-import glob
 import hashlib
 import json
 import logging
@@ -242,15 +241,13 @@ def plateau(curve: Sequence[Sequence[float]], iters: int, tolerance: float) -> D
             "flat": bool(len(tail) >= 2 and span <= tolerance)}
 
 
-def _remove_intermediate_checkpoints(folder: str) -> List[str]:
-    """The trainer's periodic checkpoints (model_NNNNNNN.pth) of a finished run: it wrote them,
-    model_final.pth keeps the result."""
-    removed = []
-    for path in glob.glob(os.path.join(folder, "model_[0-9]*.pth")):
-        if os.path.basename(path)[6:-4].isdigit() and not os.path.islink(path):
-            os.remove(path)
-            removed.append(path)
-    return removed
+def _remove_intermediate_checkpoints(folder) -> List[str]:
+    """The trainer's periodic checkpoints (model_NNNNNNN.pth) of a finished run, through the
+    plugin's output boundary (``folder``: an ``OutputFolder``): only those it recorded as
+    created by the run; model_final.pth keeps the result."""
+    periodic = [f for f in folder.created()
+                if f.startswith("model_") and f.endswith(".pth") and f[6:-4].isdigit()]
+    return [os.path.join(folder.path, f) for f in folder.clean(periodic)]
 
 
 def _close(trainer) -> None:
@@ -274,6 +271,7 @@ def run_one(spec: bv.RunSpec, settings: Settings, work_dir: str, data_root: str)
     import torch
 
     from fpn_plugin.data.shapes import register_shapes_from_config
+    from fpn_plugin.io.output import OutputFolder
 
     torch.set_num_threads(settings.threads)
     folder = os.path.join(work_dir, spec.split, spec.config, f"seed{spec.seed}")
@@ -284,12 +282,17 @@ def run_one(spec: bv.RunSpec, settings: Settings, work_dir: str, data_root: str)
     parity_cfg.freeze()
     register_shapes_from_config(cfg)
     digest = hashlib.sha256()
-    trainer = paired_trainer_class(parity_cfg, spec.seed, digest)(cfg)
-    trainer.resume_or_load(resume=True)
-    resumed_at = trainer.start_iter
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
+    output = OutputFolder(folder)
+    before = output.files()
+    try:
+        trainer = paired_trainer_class(parity_cfg, spec.seed, digest)(cfg)
+        trainer.resume_or_load(resume=True)
+        resumed_at = trainer.start_iter
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+    finally:
+        output.adopt_new(before)  # what the trainer wrote is the run's (so it may be removed)
     val_name = cfg.DATASETS.TEST[0]
     results = getattr(trainer, "_last_eval_results", None) or {}
     results = results.get(val_name, results)
@@ -297,7 +300,7 @@ def run_one(spec: bv.RunSpec, settings: Settings, work_dir: str, data_root: str)
                for task, res in results.items()}
     ap_curve, loss_curve, times = read_metrics(os.path.join(folder, "metrics.json"),
                                                  settings.iters)
-    _remove_intermediate_checkpoints(folder)
+    _remove_intermediate_checkpoints(output)
     own_keys = trainer.own_keys
     params = sum(p.numel() for p in trainer.model.parameters())
     _close(trainer)

@@ -88,11 +88,18 @@ def test_plateau_needs_a_flat_last_quarter(bc):
 
 
 def test_only_the_trainers_periodic_checkpoints_are_removed(bc, tmp_path):
-    for name in ("model_0000159.pth", "model_final.pth", "model_best.pth", "notes.txt"):
+    from fpn_plugin.io.output import OutputFolder
+
+    for name in ("model_0000159.pth", "model_0000319.pth", "model_final.pth", "model_best.pth",
+                 "notes.txt"):
         (tmp_path / name).write_text("x")
-    removed = bc._remove_intermediate_checkpoints(str(tmp_path))
+    folder = OutputFolder(str(tmp_path))
+    # the run wrote all but model_0000319.pth, which was there before (not the plugin's)
+    folder.record("model_0000159.pth", "model_final.pth", "model_best.pth", "notes.txt")
+    removed = bc._remove_intermediate_checkpoints(folder)
     assert [os.path.basename(p) for p in removed] == ["model_0000159.pth"]
-    assert sorted(os.listdir(tmp_path)) == ["model_best.pth", "model_final.pth", "notes.txt"]
+    assert sorted(f for f in os.listdir(tmp_path) if not f.startswith(".")) == [
+        "model_0000319.pth", "model_best.pth", "model_final.pth", "notes.txt"]
 
 
 def test_paired_runs_train_through_the_trainer_and_resume(bc, tmp_path, restore_loggers):
