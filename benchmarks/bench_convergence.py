@@ -533,6 +533,8 @@ def main(argv=None):
     elif args.best_seeds:
         print(f"[{NAME}] stage 2 waits for stage 1: {len(results)}/{len(stage1)} runs finished",
               flush=True)
+    from fpn_plugin.utils.files import atomic_write_bytes, atomic_write_json
+
     env, date = harness.environment(), time.strftime("%Y-%m-%d")
     markdown = format_markdown(stages, results, settings, args.plateau_tolerance, command,
                                env, date)
@@ -545,9 +547,8 @@ def main(argv=None):
                "runs": [{k: r[k] for k in ("split", "config", "seed", "metrics", "ap_curve",
                                            "run_seconds", "data_fingerprint", "provenance")
                          if k in r} for r in results]}
-    bv.write_json_atomic(os.path.join(folder, f"{NAME}.json"), payload)
-    with open(os.path.join(folder, f"{NAME}.md"), "w") as f:
-        f.write(markdown)
+    atomic_write_json(os.path.join(folder, f"{NAME}.json"), payload, indent=1)
+    atomic_write_bytes(os.path.join(folder, f"{NAME}.md"), markdown.encode())
     pictures = [plot_curves(results, settings.iters,
                             os.path.join(folder, f"{NAME}_curves.png"))]
     for i, (_, summary) in enumerate(stages):  # paired differences with intervals, per stage
